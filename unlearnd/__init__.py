@@ -1,0 +1,1 @@
+"""unlearnd: inference-time unlearning serving layer."""
