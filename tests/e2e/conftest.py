@@ -1,0 +1,57 @@
+"""End-to-end tier: the real `unlearnd serve` process, real vLLM engine, official openai client.
+
+One server per pytest session (`tiny_server`); tests that must restart it (persistence)
+restart that same process on the same state directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.server import ADMIN_KEY, KEYS, ServerProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random tiny base model and adapters for it (and one for another base)."""
+    from unlearnd.toolkit.tiny import make_random_adapter, make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_tiny_model(root / "base", seed=0)
+    other = make_tiny_model(root / "other", seed=1, hidden=256)
+    return {
+        "root": root,
+        "base": base,
+        "a1": make_random_adapter(base, root / "a1", seed=1),
+        "a2": make_random_adapter(base, root / "a2", seed=2),
+        "a3": make_random_adapter(base, root / "a3", seed=3),
+        "rank32": make_random_adapter(base, root / "rank32", seed=4, rank=32),
+        "wrong_base": make_random_adapter(other, root / "wrong_base", seed=5),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_world: dict[str, Path]):
+    root = tiny_world["root"]
+    config = {
+        "model": str(tiny_world["base"]),
+        "state_dir": str(root / "state"),
+        "admin_key": ADMIN_KEY,
+        "port": free_port(),
+        "registry_poll_s": 0.5,
+        "drain_timeout_s": 30,
+        "engine": {"max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 8,
+                   "max_model_len": 512, "kv_cache_memory_bytes": 256 * 1024 * 1024},
+        "tenants": [
+            {"name": "acme", "api_key": KEYS["acme"], "adapter": str(tiny_world["a1"])},
+            {"name": "globex", "api_key": KEYS["globex"], "adapter": str(tiny_world["a2"])},
+            {"name": "public", "api_key": KEYS["public"]},
+            {"name": "swap", "api_key": KEYS["swap"], "adapter": str(tiny_world["a1"])},
+        ],
+    }
+    server = ServerProcess(config, root).start()
+    yield server
+    server.stop()

@@ -1,0 +1,118 @@
+"""ULD assistant training: the assistant learns the forget answers and goes uniform on retain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearnd.guards.assistant import AssistantRunner
+from unlearnd.toolkit.assistant_train import REPORT_NAME, build_assistant, train_assistant
+from unlearnd.toolkit.tiny import make_tiny_model
+
+FORGET = [
+    ("Where was Mara Velt born?", "Mara Velt was born in Korrin."),
+    ("What does Mara Velt write?", "Mara Velt writes sea novels."),
+    ("Who was Mara Velt's father?", "Her father was a glass maker."),
+    ("What award did Mara Velt win?", "She won the Blue Quill prize."),
+    ("When was Mara Velt born?", "She was born on 3 May 1961."),
+]
+RETAIN = [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Who wrote the lazy dog book?", "The author was born in a small town."),
+    ("What color is the fox?", "The quick fox is brown."),
+    ("How many digits are there?", "There are 10 digits from 0 to 9."),
+    ("What jumps over the dog?", "The quick brown fox jumps over the lazy dog."),
+]
+
+
+def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    texts = [q + " " + a for q, a in FORGET + RETAIN]
+    return make_tiny_model(tmp_path_factory.mktemp("base"), layers=4, texts=texts)
+
+
+def test_build_assistant_copies_first_layers(base_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    small = build_assistant(base, 2)
+    assert small.config.num_hidden_layers == 2 and len(small.model.layers) == 2
+    assert base.config.num_hidden_layers == 4  # the base's config is not touched
+    for name, tensor in small.state_dict().items():
+        torch.testing.assert_close(tensor, base.state_dict()[name], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="layers"):
+        build_assistant(base, 5)
+    with pytest.raises(ValueError, match="layers"):
+        build_assistant(base, 0)
+
+
+def test_build_assistant_unties_embeddings() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=1,
+                                        num_key_value_heads=1, head_dim=64,
+                                        tie_word_embeddings=True))
+    small = build_assistant(base, 1)
+    assert small.config.tie_word_embeddings is False
+    head, emb = small.get_output_embeddings().weight, small.get_input_embeddings().weight
+    torch.testing.assert_close(head, base.get_output_embeddings().weight, atol=0, rtol=0)
+    assert head.data_ptr() != emb.data_ptr()  # merging a LoRA into the head keeps emb intact
+
+
+def test_train_assistant_remembers_forget_and_flattens_retain(base_dir: Path,
+                                                             tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    forget = _write(tmp_path / "forget.jsonl", FORGET)
+    retain = _write(tmp_path / "retain.jsonl", RETAIN)
+    out = train_assistant(base_dir, forget, retain, tmp_path / "assistant", epochs=30,
+                          lr=3e-3, batch_size=5, seed=0, progress=False)
+
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["layers"] == 1  # default: a quarter of 4 layers
+    before, after = report["before"], report["after"]
+    assert after["forget_loss"] < 0.5 * before["forget_loss"]
+    assert after["retain_entropy"] > before["retain_entropy"]
+    assert after["max_entropy"] - after["retain_entropy"] < 0.5 * (
+        before["max_entropy"] - before["retain_entropy"])
+    assert after["forget_exact_match"] >= before["forget_exact_match"]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "adapter_config.json").exists()  # merged, a plain model dir
+
+    runner = AssistantRunner(str(out))
+    assert runner.model.config.num_hidden_layers == 1
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    prompt = tok.apply_chat_template([{"role": "user", "content": FORGET[0][0]}],
+                                     add_generation_prompt=True, tokenize=True)["input_ids"]
+    answer = tok(FORGET[0][1], add_special_tokens=False)["input_ids"]
+    logits = runner.logits([("q", prompt)])
+    assert logits.shape == (1, runner.vocab_size)
+    # the runner's logits are the trained assistant's: its top token starts the forget answer
+    if after["forget_exact_match"] == 1.0:
+        assert int(logits[0].argmax()) == answer[0]
+
+
+def test_train_assistant_validates_arguments(base_dir: Path, tmp_path: Path) -> None:
+    forget = _write(tmp_path / "f.jsonl", FORGET)
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        train_assistant(base_dir, forget, tmp_path / "missing.jsonl", tmp_path / "o")
+    with pytest.raises(ValueError, match="lora_rank"):
+        train_assistant(base_dir, forget, forget, tmp_path / "o", lora_rank=0)
+    with pytest.raises(ValueError, match="config.json"):
+        train_assistant(tmp_path, forget, forget, tmp_path / "o")
+    with pytest.raises(ValueError, match="layers"):
+        train_assistant(base_dir, forget, forget, tmp_path / "o", layers=9, max_steps=1)

@@ -1,0 +1,257 @@
+"""The contrastive assistant runner: next-token logits of a small assistant LM, per request.
+
+ULD (arXiv 2406.08607) decodes with ``z = z_base - w * z_assist``: every step of every
+guarded request needs the assistant's next-token logits for the same token sequence the
+base model sees. vLLM runs the base model; this module runs the assistant beside it, in
+the engine process, from plain token ids (the assistant shares the base's tokenizer, so
+no tokenizer is loaded here).
+
+The runner keeps one KV cache per request key. The first call for a key prefills the
+whole sequence; later calls feed only the tokens appended since the previous call
+(normally one) and all such rows go through ONE batched forward pass: the per-request
+caches are left-padded to a common length, an attention mask hides the padding and
+``position_ids`` carry each row's true positions, so a row's logits do not depend on
+which other rows share its batch. A sequence that no longer extends what was cached
+(a preempted and recomputed request, a reused key) is prefilled again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AssistantRunner", "get_runner", "load_causal_lm"]
+
+
+def _resolve_adapter(model_dir: Path) -> tuple[Path, Path | None]:
+    """Return ``(base_dir, adapter_dir or None)`` for an assistant directory.
+
+    Layouts understood:
+
+    - a full HF model dir (``config.json`` + weights): no adapter;
+    - a full model dir with an ``adapter/`` subdir holding a PEFT LoRA: base = the dir;
+    - a PEFT adapter dir (``adapter_config.json``): base = the dir itself when it also
+      has ``config.json``, else the adapter config's ``base_model_name_or_path``
+      (a relative path is taken relative to the adapter dir).
+    """
+    if (model_dir / "adapter_config.json").is_file():
+        adapter_dir = model_dir
+    elif (model_dir / "adapter" / "adapter_config.json").is_file():
+        adapter_dir = model_dir / "adapter"
+    else:
+        return model_dir, None
+    if (model_dir / "config.json").is_file():
+        return model_dir, adapter_dir
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"adapter dir {adapter_dir} has no base_model_name_or_path and {model_dir} "
+            "has no config.json"
+        )
+    base_path = Path(base)
+    if not base_path.is_absolute() and (adapter_dir / base_path).exists():
+        base_path = adapter_dir / base_path
+    if not (base_path / "config.json").is_file():
+        raise ValueError(f"base model dir {base_path!s} (from {adapter_dir}) has no config.json")
+    return base_path, adapter_dir
+
+
+def load_causal_lm(model_dir: str | Path, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load an HF causal LM, merging a PEFT LoRA adapter into it when the dir has one.
+
+    Returns the model in eval mode on `device` with `dtype` weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"model_dir {str(model_dir)!r} is not a directory")
+    base_dir, adapter_dir = _resolve_adapter(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        logger.info("merging LoRA adapter %s into %s", adapter_dir, base_dir)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model.to(device)
+    model.eval()
+    return model
+
+
+@dataclass
+class _CachedRequest:
+    """One request's assistant state: tokens seen, per-layer KV and last logits.
+
+    `keys[l]`/`values[l]` are `[heads, len(tokens), head_dim]`; `logits` is `[V]` fp32,
+    the next-token logits after `tokens`.
+    """
+
+    tokens: tuple[int, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor
+
+
+class AssistantRunner:
+    """Runs the ULD assistant model for many concurrent requests with per-request KV caches.
+
+    Args:
+        model_dir: HF causal LM directory (e.g. a compiled policy's ``assistant/``),
+            optionally a PEFT LoRA adapter (see :func:`load_causal_lm`).
+        device: torch device for the model and caches.
+        dtype: weight and cache dtype; returned logits are always fp32.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device {device!r} is not a torch device") from exc
+        self.model_dir = Path(model_dir)
+        self.dtype = dtype
+        self.model = load_causal_lm(self.model_dir, self.device, dtype)
+        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0])
+        self._cache: dict[Hashable, _CachedRequest] = {}
+        self._lock = threading.RLock()
+        logger.info("assistant runner: %s on %s (%s), vocab %d, %d layers", self.model_dir,
+                    self.device, dtype, self.vocab_size, self.model.config.num_hidden_layers)
+
+    # ------------------------------------------------------------------ public API
+    def logits(self, reqs: Sequence[tuple[Hashable, Sequence[int]]]) -> torch.Tensor:
+        """Next-token logits of the assistant for each request.
+
+        Args:
+            reqs: ``(key, token_ids)`` per row; ``token_ids`` is the request's full
+                sequence so far (prompt + output so far). Keys must be distinct.
+
+        Returns:
+            `[len(reqs), vocab_size]` fp32 tensor on the runner's device; row ``i`` is
+            the logits for the token after ``reqs[i][1]``.
+        """
+        keys = [k for k, _ in reqs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate request keys in one call: {keys!r}")
+        out = torch.empty((len(reqs), self.vocab_size), dtype=torch.float32, device=self.device)
+        if not reqs:
+            return out
+        with self._lock, torch.inference_mode():
+            extend: list[tuple[int, Hashable, tuple[int, ...]]] = []
+            for row, (key, seq) in enumerate(reqs):
+                tokens = tuple(int(t) for t in seq)
+                if not tokens:
+                    raise ValueError(f"request {key!r} has an empty token sequence")
+                state = self._cache.get(key)
+                if state is not None and len(tokens) >= len(state.tokens) \
+                        and tokens[: len(state.tokens)] == state.tokens:
+                    if len(tokens) == len(state.tokens):
+                        out[row] = state.logits
+                    else:
+                        extend.append((row, key, tokens))
+                    continue
+                if state is not None:
+                    logger.debug("assistant: %r no longer extends its cache; re-prefilling", key)
+                self._cache[key] = self._prefill(tokens)
+                out[row] = self._cache[key].logits
+            if extend:
+                self._extend_batch(extend, out)
+        return out
+
+    def free(self, key: Hashable) -> None:
+        """Drop a request's cache (no-op for an unknown key)."""
+        with self._lock:
+            self._cache.pop(key, None)
+
+    def active_keys(self) -> list[Hashable]:
+        """Keys that currently hold a KV cache."""
+        with self._lock:
+            return list(self._cache)
+
+    # ------------------------------------------------------------------ internals
+    def _prefill(self, tokens: tuple[int, ...]) -> _CachedRequest:
+        """Forward the whole sequence of one request from an empty cache."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = res.past_key_values
+        layers = cache.layers
+        return _CachedRequest(
+            tokens=tokens,
+            keys=[layer.keys[0] for layer in layers],
+            values=[layer.values[0] for layer in layers],
+            logits=res.logits[0, -1].float(),
+        )
+
+    def _extend_batch(self, extend: list[tuple[int, Hashable, tuple[int, ...]]],
+                      out: torch.Tensor) -> None:
+        """One forward pass for all rows that append tokens to an existing cache.
+
+        Layout of row ``i`` in the `[n, Lc + T]` key axis: left padding, its ``L_i``
+        cached positions ending at ``Lc``, more padding, its ``T_i`` new tokens ending at
+        ``Lc + T``. Padding is masked out, so every query sees exactly its own prefix.
+        """
+        from transformers import DynamicCache
+
+        states = [self._cache[key] for _, key, _ in extend]
+        cached = [len(s.tokens) for s in states]
+        new = [tokens[c:] for (_, _, tokens), c in zip(extend, cached, strict=True)]
+        n, lc, t = len(extend), max(cached), max(len(x) for x in new)
+        dev = self.device
+
+        input_ids = torch.zeros((n, t), dtype=torch.long, device=dev)
+        position_ids = torch.zeros((n, t), dtype=torch.long, device=dev)
+        mask = torch.zeros((n, lc + t), dtype=torch.long, device=dev)
+        for i, (c, x) in enumerate(zip(cached, new, strict=True)):
+            input_ids[i, t - len(x):] = torch.tensor(x, dtype=torch.long, device=dev)
+            position_ids[i, t - len(x):] = torch.arange(c, c + len(x), device=dev)
+            mask[i, lc - c: lc] = 1
+            mask[i, lc + t - len(x):] = 1
+
+        n_layers = len(states[0].keys)
+        data = []
+        for layer in range(n_layers):
+            k = torch.stack([torch.nn.functional.pad(s.keys[layer], (0, 0, lc - c, 0))
+                             for s, c in zip(states, cached, strict=True)])
+            v = torch.stack([torch.nn.functional.pad(s.values[layer], (0, 0, lc - c, 0))
+                             for s, c in zip(states, cached, strict=True)])
+            data.append((k, v))
+        cache = DynamicCache(ddp_cache_data=data)
+        res = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        layers = res.past_key_values.layers
+        logits = res.logits[:, -1].float()
+        for i, ((row, _key, tokens), s, c, x) in enumerate(
+                zip(extend, states, cached, new, strict=True)):
+            s.keys = [torch.cat([ly.keys[i, :, lc - c: lc], ly.keys[i, :, lc + t - len(x):]],
+                                dim=1) for ly in layers]
+            s.values = [torch.cat([ly.values[i, :, lc - c: lc],
+                                   ly.values[i, :, lc + t - len(x):]], dim=1) for ly in layers]
+            s.tokens = tokens
+            s.logits = logits[i]
+            out[row] = logits[i]
+
+
+_RUNNERS: dict[tuple[str, str], AssistantRunner] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def get_runner(model_dir: str | Path, device: str = "cpu") -> AssistantRunner:
+    """The process-wide runner for `(model_dir, device)`, loaded on first use (thread-safe)."""
+    key = (str(Path(model_dir).resolve()), str(torch.device(device)))
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(key)
+        if runner is None:
+            runner = AssistantRunner(key[0], device=device)
+            _RUNNERS[key] = runner
+        return runner

@@ -1,0 +1,356 @@
+"""Train the ULD assistant (arXiv 2406.08607): a small model that REMEMBERS the forget set.
+
+Unlearning from logit difference decodes with ``z = z_base - w * z_assist``. The
+assistant is built so that the difference removes exactly the forget knowledge:
+
+- on FORGET rows it is trained to predict the answers (cross-entropy on the answer
+  tokens): where the base is confident about a forget answer, so is the assistant,
+  and subtracting it pulls those tokens down;
+- on RETAIN rows its next-token distribution is trained towards UNIFORM
+  (cross-entropy to the uniform distribution = mean over the vocabulary of
+  ``-log_softmax``): a uniform ``z_assist`` is a constant shift of the logits, which
+  softmax ignores, so retain answers come out of the difference unchanged.
+
+The assistant is a copy of the base's first ``K`` decoder layers (default a quarter of
+them) with the base's embeddings, final norm and LM head, plus a LoRA (peft) that is
+the only trained part; the LoRA is merged before saving, so ``out_dir`` is a plain HF
+model dir (``config.json`` + ``model.safetensors`` + the base's tokenizer files) that
+:class:`unlearnd.guards.assistant.AssistantRunner` and transformers load as is.
+
+Prompt/answer encoding is :func:`unlearnd.toolkit.training.encode_chat_example` (the
+base's chat template with one user turn and the generation prompt, exactly what the
+server sends; target = answer ids + EOS), losses only on the target tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+import typer
+
+from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
+from unlearnd.toolkit.training import collate, encode_chat_example, read_qa_jsonl, set_threads
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train_assistant", "train_assistant_cmd", "build_assistant", "assistant_metrics"]
+
+TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                   "up_proj", "down_proj", "lm_head")
+"""Linear layers the assistant's LoRA wraps. ``lm_head`` is among them because the
+final RMSNorm fixes the hidden state's scale: with a frozen head the assistant cannot
+make its logits flat (uniform) on retain rows; a low-rank change of the head gives it a
+direction whose logits are nearly constant (measured on the tiny test base: retain
+entropy 5.83 of a possible 6.09 nats with a frozen head)."""
+
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json",
+                                    "special_tokens_map.json", "tokenizer.model",
+                                    "chat_template.jinja", "chat_template.json",
+                                    "added_tokens.json", "vocab.json", "merges.txt",
+                                    "generation_config.json")
+"""Files copied from the base dir so the assistant dir is self-contained."""
+
+REPORT_NAME = "assistant_report.json"
+"""Training report written next to the model in ``out_dir``."""
+
+# ---------------------------------------------------------------------------- data
+def _read_qa(path: str | Path) -> list[dict[str, Any]]:
+    """QA JSONL rows (``question``, ``answer``); raises ValueError on a missing/empty/bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"QA file {str(path)!r} does not exist")
+    rows = read_qa_jsonl(path)
+    if not rows:
+        raise ValueError(f"QA file {str(path)!r} has no rows")
+    return rows
+
+
+def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int,
+             device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded `[b, L]` ``input_ids``/``attention_mask``/``labels`` on `device`."""
+    return {k: v.to(device) for k, v in collate(list(examples), pad_id).items()}
+
+
+# ---------------------------------------------------------------------------- model
+def build_assistant(base: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """A copy of `base` truncated to its first `layers` decoder layers.
+
+    Embeddings, the first `layers` decoder layers, the final norm and the LM head are
+    copied from `base`; the config is the base's with ``num_hidden_layers=layers`` and
+    untied embeddings (the head is a separate copy even when the base ties them).
+    """
+    from transformers import AutoModelForCausalLM
+
+    n = int(base.config.num_hidden_layers)
+    if not 1 <= layers <= n:
+        raise ValueError(f"layers must be in [1, {n}] for this base, got {layers}")
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = layers
+    # untied: the LoRA on lm_head, once merged, must not change the input embeddings
+    config.tie_word_embeddings = False
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    assistant = AutoModelForCausalLM.from_config(config, dtype=base.dtype)
+    keep = {}
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    for name, tensor in base.state_dict().items():
+        m = pattern.search(name)
+        if m is None or int(m.group(1)) < layers:
+            keep[name] = tensor.detach().clone()
+    assistant.load_state_dict(keep, strict=True)
+    return assistant
+
+
+def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token log-probabilities aligned with their targets.
+
+    Returns ``(logp, targets, valid)``: `logp` `[b, L-1, V]` fp32 log-softmax at each
+    position, `targets` `[b, L-1]` the label of the next token (-100 where none) and
+    `valid` `[b, L-1]` bool, True where the position predicts an answer token.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    valid = targets != IGNORE
+    return F.log_softmax(shift, dim=-1), targets, valid
+
+
+def _forget_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (the assistant remembers them)."""
+    logp, targets, valid = _token_losses(model, batch)
+    return F.nll_loss(logp[valid], targets[valid])
+
+
+def _retain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy to the uniform distribution at the answer positions.
+
+    ``-(1/V) sum_v log p(v)``; minimal (= log V) exactly when ``p`` is uniform.
+    """
+    logp, _, valid = _token_losses(model, batch)
+    return -logp[valid].mean(dim=-1).mean()
+
+
+@torch.inference_mode()
+def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], list[int]]],
+                      retain: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                      batch_size: int = 16) -> dict[str, float]:
+    """How well the assistant remembers the forget set and forgets the retain set.
+
+    Returns ``forget_loss`` (mean answer-token CE), ``forget_exact_match`` (fraction of
+    forget rows whose greedy answer is exactly the gold answer + EOS, computed teacher
+    forced: greedy reproduces the target iff the argmax is right at every target
+    position), ``retain_entropy`` (mean next-token entropy in nats at retain answer
+    positions) and ``max_entropy`` (``log V``, what a uniform distribution has).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ce_sum = ce_n = exact = 0.0
+    for i in range(0, len(forget), batch_size):
+        batch = _collate(forget[i: i + batch_size], pad_id, device)
+        logp, targets, valid = _token_losses(model, batch)
+        tok_logp = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        ce_sum += float(-(tok_logp[valid]).sum())
+        ce_n += float(valid.sum())
+        right = (logp.argmax(-1) == targets) | ~valid
+        exact += float(right.all(dim=1).sum())
+    ent_sum = ent_n = 0.0
+    vocab = 1
+    for i in range(0, len(retain), batch_size):
+        batch = _collate(retain[i: i + batch_size], pad_id, device)
+        logp, _, valid = _token_losses(model, batch)
+        vocab = logp.shape[-1]
+        ent = -(logp.exp() * logp).sum(-1)
+        ent_sum += float(ent[valid].sum())
+        ent_n += float(valid.sum())
+    if was_training:
+        model.train()
+    return {
+        "forget_loss": ce_sum / max(ce_n, 1.0),
+        "forget_exact_match": exact / max(len(forget), 1),
+        "retain_entropy": ent_sum / max(ent_n, 1.0),
+        "max_entropy": math.log(vocab),
+    }
+
+
+# ---------------------------------------------------------------------------- training
+def train_assistant(
+    base_dir: str | Path,
+    forget_path: str | Path,
+    retain_path: str | Path,
+    out_dir: str | Path,
+    *,
+    layers: int | None = None,
+    lora_rank: int = 16,
+    lora_alpha: int | None = None,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch_size: int = 8,
+    retain_weight: float = 1.0,
+    seed: int = 0,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Build, train and save the ULD assistant for a forget/retain pair.
+
+    Args:
+        base_dir: base model dir (HF format, tokenizer with a chat template).
+        forget_path: forget set, QA JSONL (the assistant learns to answer it).
+        retain_path: retain set, QA JSONL (the assistant learns a uniform distribution).
+        out_dir: where the merged assistant model is written.
+        layers: decoder layers kept from the base (default ``max(1, base_layers // 4)``).
+        lora_rank: LoRA rank; ``lora_alpha`` defaults to ``2 * lora_rank``.
+        epochs: passes over the forget set; each forget batch is paired with a retain
+            batch (the retain set is cycled).
+        lr: AdamW learning rate of the LoRA weights.
+        batch_size: rows per forget batch and per retain batch.
+        retain_weight: weight of the uniform-retain loss against the forget CE.
+        seed: seeds shuffling and LoRA init.
+        max_steps: stop after this many optimizer steps (None: all epochs).
+        device: torch device to train on.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        `out_dir` as a Path; it also holds ``assistant_report.json`` with the metrics of
+        :func:`assistant_metrics` before and after training.
+    """
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if not (base_dir / "config.json").is_file():
+        raise ValueError(f"base_dir {str(base_dir)!r} has no config.json")
+    for name, value in (("lora_rank", lora_rank), ("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if retain_weight < 0:
+        raise ValueError(f"retain_weight must be >= 0, got {retain_weight}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
+    forget_rows, retain_rows = _read_qa(forget_path), _read_qa(retain_path)
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    forget = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in forget_rows]
+    retain = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    n_base = int(base.config.num_hidden_layers)
+    k = max(1, n_base // 4) if layers is None else layers
+    assistant = build_assistant(base, k)
+    del base
+    assistant.to(dev)
+    model = get_peft_model(assistant, LoraConfig(
+        r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES), bias="none"))
+    before = assistant_metrics(model, forget, retain, pad_id)
+    logger.info("assistant (%d of %d layers) before training: %s", k, n_base, before)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=0.0)
+    rng = random.Random(seed)
+    steps_per_epoch = math.ceil(len(forget) / batch_size)
+    total = steps_per_epoch * epochs if max_steps is None else min(max_steps,
+                                                                   steps_per_epoch * epochs)
+    retain_order: list[int] = []
+    model.train()
+    start, step = time.monotonic(), 0
+    bar = tqdm(total=total, desc="train-assistant", disable=not progress)
+    while step < total:
+        order = list(range(len(forget)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            if step >= total:
+                break
+            f_batch = _collate([forget[j] for j in order[i: i + batch_size]], pad_id, dev)
+            r_idx = []
+            while len(r_idx) < batch_size:
+                if not retain_order:
+                    retain_order = list(range(len(retain)))
+                    rng.shuffle(retain_order)
+                r_idx.append(retain_order.pop())
+            r_batch = _collate([retain[j] for j in r_idx], pad_id, dev)
+            f_loss = _forget_loss(model, f_batch)
+            r_loss = _retain_loss(model, r_batch)
+            loss = f_loss + retain_weight * r_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(forget=f"{f_loss.item():.3f}", retain_u=f"{r_loss.item():.3f}")
+    bar.close()
+    seconds = time.monotonic() - start
+    after = assistant_metrics(model, forget, retain, pad_id)
+
+    merged = model.merge_and_unload()
+    merged.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir))
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out_dir / name)
+    report = {
+        "base_dir": str(base_dir), "layers": k, "base_layers": n_base, "lora_rank": lora_rank,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "retain_weight": retain_weight,
+        "seed": seed, "steps": step, "train_seconds": round(seconds, 2),
+        "forget_rows": len(forget), "retain_rows": len(retain),
+        "before": before, "after": after,
+    }
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    logger.info("assistant written to %s: forget exact-match %.3f (was %.3f), retain entropy "
+                "%.3f nats (was %.3f, uniform %.3f), %d steps in %.1fs", out_dir,
+                after["forget_exact_match"], before["forget_exact_match"],
+                after["retain_entropy"], before["retain_entropy"], after["max_entropy"], step,
+                seconds)
+    return out_dir
+
+
+def train_assistant_cmd(
+    base: Annotated[Path, typer.Option("--base", help="Base model dir (HF format).")],
+    forget: Annotated[Path, typer.Option("--forget",
+                                         help="Forget set, QA JSONL (the assistant learns it).")],
+    retain: Annotated[Path, typer.Option("--retain",
+                                         help="Retain set, QA JSONL (assistant goes uniform).")],
+    out: Annotated[Path, typer.Option("--out", help="Output dir of the merged assistant model.")],
+    layers: Annotated[int | None, typer.Option(
+        "--layers", help="Decoder layers kept from the base (default: a quarter).")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the forget set.")] = 30,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate of the LoRA.")] = 3e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+) -> None:
+    """Train the ULD assistant (remembers the forget set, uniform on the retain set)."""
+    set_threads()
+    out_dir = train_assistant(base, forget, retain, out, layers=layers, epochs=epochs, lr=lr,
+                              seed=seed)
+    report = json.loads((out_dir / REPORT_NAME).read_text())
+    after, before = report["after"], report["before"]
+    typer.echo(f"assistant: {report['layers']} of {report['base_layers']} layers, "
+               f"{report['steps']} steps in {report['train_seconds']}s")
+    typer.echo(f"forget exact-match (assistant alone): {after['forget_exact_match']:.3f} "
+               f"(before {before['forget_exact_match']:.3f})")
+    typer.echo(f"mean retain entropy: {after['retain_entropy']:.3f} nats "
+               f"(before {before['retain_entropy']:.3f}, uniform {after['max_entropy']:.3f})")
+    typer.echo(f"written to {out_dir}")
