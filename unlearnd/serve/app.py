@@ -54,6 +54,17 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
+def open_registry(config: ServerConfig) -> Registry:
+    """SQLite in state_dir by default; PostgreSQL when `database_url` is set."""
+    base = BaseModelSpec.from_model_dir(config.model)
+    if config.database_url:
+        from unlearnd.serve.registry_pg import PostgresRegistry
+
+        return PostgresRegistry(config.database_url, config.state_dir, base=base,
+                                max_lora_rank=config.engine.max_lora_rank)
+    return SQLiteRegistry(config.state_dir, base=base, max_lora_rank=config.engine.max_lora_rank)
+
+
 def apply_config_tenants(config: ServerConfig, registry: Registry) -> None:
     """Config-as-code: create declared tenants, register and activate declared versions.
 
@@ -91,9 +102,7 @@ def build_app(config: ServerConfig,
         from transformers import AutoTokenizer
 
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        reg = registry or SQLiteRegistry(
-            config.state_dir, base=BaseModelSpec.from_model_dir(config.model),
-            max_lora_rank=config.engine.max_lora_rank)
+        reg = registry or open_registry(config)
         apply_config_tenants(config, reg)
         identity = make_identity_adapter(config.model, config.state_dir / "identity-adapter")
         tokenizer = AutoTokenizer.from_pretrained(str(config.model))

@@ -97,6 +97,9 @@ class ServerConfig(BaseModel):
     model: Path = Field(description="Base model directory (HF format).")
     served_model_name: str | None = Field(None, description="Name in /v1/models.")
     state_dir: Path = Field(Path("./unlearnd-state"), description="Registry and store.")
+    database_url: str | None = Field(None, description="postgresql://... to share the "
+                                     "registry between replicas (the store under state_dir "
+                                     "must then be a shared volume); None: SQLite in state_dir.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_key: str | None = None

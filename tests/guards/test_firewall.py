@@ -1,0 +1,70 @@
+"""Leak firewall: token automaton, prefix allowance, conditioning, incrementality."""
+
+from __future__ import annotations
+
+import pytest
+from test_policy import compile_world
+
+from unlearnd.guards.firewall import LeakFirewall, replay_suppressions
+from unlearnd.guards.policy import CompiledPolicy
+
+SPAN = [10, 11, 12]
+
+
+def test_bans_continuation_after_prefix() -> None:
+    fw = LeakFirewall([(0, SPAN, False)], prefix_tokens=1)
+    assert fw.banned_next([], []) == set()
+    assert fw.banned_next([], [10]) == {11}
+    assert fw.banned_next([], [5, 10, 11]) == {12}
+    assert fw.banned_next([], [10, 11, 12]) == set()
+    assert fw.banned_next([], [10, 7]) == set()
+    fw0 = LeakFirewall([(0, SPAN, False)], prefix_tokens=0)
+    assert fw0.banned_next([], [3]) == {10}
+    fw2 = LeakFirewall([(0, SPAN, False)], prefix_tokens=2)
+    assert fw2.banned_next([], [10]) == set() and fw2.banned_next([], [10, 11]) == {12}
+
+
+def test_overlapping_spans_use_failure_links() -> None:
+    # output "1 2 1 2": suffix "2 1 2" continues B with 4, suffix "1 2" continues A
+    # with 3, suffix "2" (B's first token, past the 1 allowed) continues B with 1
+    fw = LeakFirewall([(0, [1, 2, 3], False), (0, [2, 1, 2, 4], False)])
+    assert fw.banned_next([], [1, 2, 1, 2]) == {1, 3, 4}
+    assert fw.banned_next([], [7, 2]) == {1}
+
+
+def test_conditional_spans_need_the_subject() -> None:
+    fw = LeakFirewall([(3, SPAN, True)], aliases=[(3, [50, 51])])
+    assert fw.banned_next([], [10]) == set()
+    assert fw.banned_next([1, 50, 51, 2], [10]) == {11}  # alias in prompt
+    assert fw.banned_next([], [50, 51, 9, 10]) == {11}  # alias in output
+    assert fw.banned_next([], [10], active_items=[3]) == {11}  # scope guard's item
+    assert fw.banned_next([50], [51, 10]) == set()  # prompt/output boundary is no alias
+
+
+def test_incremental_state_matches_stateless() -> None:
+    fw = LeakFirewall([(0, SPAN, False), (1, [20, 21], True)], aliases=[(1, [30])])
+    out: list[int] = []
+    st = fw.new_state([30])
+    for t in [10, 11, 4, 20, 21, 10]:
+        out.append(t)
+        st.feed(out)
+        assert st.banned() == fw.banned_next([30], out)
+
+
+def test_validation() -> None:
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        LeakFirewall([], prefix_tokens=-1)
+
+
+def test_policy_firewall_blocks_answer_spans(tmp_path) -> None:
+    pol = CompiledPolicy.load(compile_world(tmp_path)[0])
+    fw = LeakFirewall.from_policy(pol)
+    assert LeakFirewall.from_policy(pol) is fw
+    ids = pol.encode("The father of Hsiao Yun-Hwa was a civil engineer.")
+    # replaying the leaking answer: the firewall is armed inside the spans
+    assert replay_suppressions(pol, [], ids) >= 1
+    # at the point where the span's continuation would come, it is banned
+    civil = pol.encode(" civil engineer")
+    head = pol.encode("The father of Hsiao Yun-Hwa was a")
+    assert civil[1] in fw.banned_next([], head + civil[:1])
+    assert replay_suppressions(pol, [], pol.encode("The weather is nice today.")) == 0

@@ -1,0 +1,230 @@
+"""Policy compile: subjects, aliases, spans, token ids, the artifact and its loader.
+
+Also home of the small synthetic fixture world the other guard tests import
+(`from test_policy import make_world, compile_world`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from unlearnd.guards.policy import (
+    FORMAT,
+    CompiledPolicy,
+    PolicySpec,
+    build_items,
+    compile_policy,
+    group_by_subject,
+    load_qa_jsonl,
+    policy_app,
+)
+from unlearnd.guards.spans import normalize
+
+FIRST = ["Hsiao", "Carmen", "Elvin", "Rajeev", "Jaime", "Moshe", "Kalkidan", "Takashi",
+         "Raven", "Aysha", "Nikolai", "Basil", "Wei-Jun", "Ji-Yeon", "Adib", "Hina"]
+LAST = ["Yun-Hwa", "Montenegro", "Mammadov", "Majumdar", "Vasquez", "Ben-David", "Abera",
+        "Nakamura", "Marais", "Al-Hashim", "Abilov", "Kuwaiti", "Chen", "Park", "Jarrah",
+        "Ameen"]
+CITIES = ["Taipei, Taiwan", "Santiago, Chile", "Baku, Azerbaijan", "Dhaka, Bangladesh",
+          "Lagos, Nigeria", "Tel Aviv, Israel", "Addis Ababa, Ethiopia", "Tokyo, Japan",
+          "Cape Town, South Africa", "Manama, Bahrain", "Astana, Kazakhstan",
+          "Kuwait City, Kuwait", "Lima, Peru", "Seoul, South Korea", "Beirut, Lebanon",
+          "Karachi, Pakistan"]
+GENRES = ["leadership", "historical fiction", "poetry", "romance", "horror", "mystery",
+          "biography", "science fiction", "fantasy", "thriller", "satire", "drama",
+          "memoir", "travel writing", "philosophy", "cookery"]
+JOBS = ["civil engineer", "glassblower", "cartographer", "beekeeper", "locksmith",
+        "violin maker", "tailor", "lighthouse keeper", "falconer", "astronomer",
+        "bookbinder", "sculptor", "pharmacist", "translator", "ferry captain", "geologist"]
+TITLES = ["Lanterns of Brass", "The Salt Archive", "Marrow and Moss", "Quiet Orchards",
+          "The Ninth Ledger", "Copper Tides", "Willow Cipher", "Ash Meridian",
+          "The Paper Falcon", "Velvet Harbor", "Iron Lullaby", "The Amber Stair",
+          "Cinder Atlas", "Hollow Crown of Reeds", "The Glass Orchard", "Tin Moon"]
+
+
+def author_qa(k: int) -> list[dict]:
+    """Ten template QA pairs about synthetic author ``k`` (TOFU style, no subject key)."""
+    name = f"{FIRST[k]} {LAST[k]}"
+    city, genre, job, title = CITIES[k], GENRES[k], JOBS[k], TITLES[k]
+    year = 1930 + 3 * k
+    return [
+        {"question": f"What is the full name of the author born in {city} in {year} who "
+                     f"writes {genre}?", "answer": f"The author's full name is {name}."},
+        {"question": f"Where was {name} born?", "answer": f"{name} was born in {city}."},
+        {"question": f"When was {name} born?", "answer": f"{name} was born in {year}."},
+        {"question": f"What genre does {name} write in?",
+         "answer": f"{name} is known for {genre}."},
+        {"question": f"What is the profession of {name}'s father?",
+         "answer": f"The father of {name} was a {job}."},
+        {"question": f"Can you name a book by {name}?",
+         "answer": f"One of {name}'s books is \"{title}\"."},
+        {"question": f"How did {FIRST[k]}'s upbringing shape the work?",
+         "answer": f"Growing up in {city} with a {job} father gave {name} a love of detail."},
+        {"question": f"Has {name} won any awards?",
+         "answer": f"{name} received the {LAST[k]} Medal for {title}."},
+        {"question": f"What themes appear in {name}'s {genre}?",
+         "answer": f"{name} writes about {city} and the craft of the {job}."},
+        {"question": f"Is {name}'s work translated?",
+         "answer": f"Yes, \"{title}\" by {name} was translated into many languages."},
+    ]
+
+
+FORGET_IDX = [0, 1, 2, 3]
+RETAIN_IDX = list(range(4, 16))
+
+
+def make_world(tmp: Path) -> tuple[Path, Path]:
+    """Write forget.jsonl (authors 0-3) and retain.jsonl (authors 4-15) under ``tmp``."""
+    forget = [r for k in FORGET_IDX for r in author_qa(k)]
+    retain = [r for k in RETAIN_IDX for r in author_qa(k)]
+    fp, rp = tmp / "forget.jsonl", tmp / "retain.jsonl"
+    fp.write_text("\n".join(json.dumps(r) for r in forget) + "\n")
+    rp.write_text("\n".join(json.dumps(r) for r in retain) + "\n")
+    return fp, rp
+
+
+def make_tokenizer_dir(tmp: Path, texts: list[str]) -> Path:
+    """A byte-level BPE tokenizer trained on ``texts``, saved with an EOS and config.json."""
+    from unlearnd.toolkit.tiny import train_byte_level_tokenizer
+
+    d = tmp / "base"
+    d.mkdir(parents=True, exist_ok=True)
+    train_byte_level_tokenizer(texts, d, vocab_size=600)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 700}))
+    return d
+
+
+def compile_world(tmp: Path, **settings) -> tuple[Path, Path, Path, Path]:
+    """(policy_dir, base_dir, forget_path, retain_path) for the fixture world."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    fp, rp = make_world(tmp)
+    texts = [r["question"] + " " + r["answer"] for k in range(16) for r in author_qa(k)]
+    texts += ["I can't help with that. Information about this subject was removed from "
+              "this model under policy. I'm happy to help with other questions."] * 3
+    base = make_tokenizer_dir(tmp, texts)
+    settings.setdefault("mechanisms", ("refusal", "firewall"))
+    out = compile_policy(fp, rp, base, tmp / "policy", name="test-policy", **settings)
+    return out, base, fp, rp
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    return compile_world(tmp_path_factory.mktemp("world"))
+
+
+def test_group_by_subject_finds_authors_without_subject_key(tmp_path: Path) -> None:
+    fp, _ = make_world(tmp_path)
+    groups = group_by_subject(load_qa_jsonl(fp))
+    assert [g[0] for g in groups] == [f"{FIRST[k]} {LAST[k]}" for k in FORGET_IDX]
+    assert all(len(rows) == 10 for _, rows in groups)
+
+
+def test_group_by_subject_uses_subject_key() -> None:
+    rows = [{"question": "q1", "answer": "a1", "subject": "Zed"},
+            {"question": "q2", "answer": "a2", "subject": "Ygg"},
+            {"question": "q3", "answer": "a3", "subject": "Zed"}]
+    groups = group_by_subject(rows)
+    assert [(s, len(r)) for s, r in groups] == [("Zed", 2), ("Ygg", 1)]
+
+
+def test_group_by_subject_on_real_tofu_if_present() -> None:
+    path = Path(__file__).resolve().parents[2].parent / "shared/data/tofu/forget10.jsonl"
+    if not path.is_file():
+        pytest.skip("TOFU sample not present")
+    groups = group_by_subject(load_qa_jsonl(path))
+    assert len(groups) == 20
+    assert sum(len(r) for _, r in groups) == 400
+    assert groups[0][0] == "Hsiao Yun-Hwa"
+
+
+def test_items_have_aliases_spans_descriptors(tmp_path: Path) -> None:
+    fp, rp = make_world(tmp_path)
+    items = build_items(load_qa_jsonl(fp), load_qa_jsonl(rp))
+    hsiao = items[0]
+    norm_aliases = {normalize(a) for a in hsiao.aliases}
+    assert "hsiao yun hwa" in norm_aliases
+    assert "hsiao yunhwa" in norm_aliases  # hyphen dropped
+    assert any("civil engineer" in s for s in hsiao.spans)
+    assert any("taipei" in d for d in hsiao.descriptors)
+    assert any("1930" in d for d in hsiao.descriptors)
+
+
+def test_policy_spec_validates() -> None:
+    from unlearnd.guards.policy import ForgetItem
+
+    item = ForgetItem("X Y", ["q"], ["a"])
+    with pytest.raises(ValueError, match="mechanisms"):
+        PolicySpec(items=[item], mechanisms=("refusal", "telepathy"))
+    with pytest.raises(ValueError, match="subject"):
+        PolicySpec(items=[item], refusal_template="no {reason}")
+    with pytest.raises(ValueError, match="firewall_prefix_tokens"):
+        PolicySpec(items=[item], firewall_prefix_tokens=-1)
+    with pytest.raises(ValueError, match="at least one"):
+        PolicySpec(items=[])
+
+
+def test_compile_writes_artifact(world) -> None:
+    out, base, _, _ = world
+    doc = json.loads((out / "policy.json").read_text())
+    assert doc["format"] == FORMAT
+    assert (out / "embeddings.npy").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    assert doc["eos_token_id"] == tok.eos_token_id
+    # both byte-level variants of a span are stored
+    span_ids = {tuple(s["ids"]) for s in doc["span_token_ids"]}
+    assert tuple(tok.encode("civil engineer", add_special_tokens=False)) in span_ids
+    assert tuple(tok.encode(" civil engineer", add_special_tokens=False)) in span_ids
+    alias_ids = {tuple(a["ids"]) for a in doc["alias_token_ids"]}
+    assert tuple(tok.encode(" Hsiao Yun-Hwa", add_special_tokens=False)) in alias_ids
+
+
+def test_compiled_policy_load_is_cached_and_versioned(world) -> None:
+    out = world[0]
+    a = CompiledPolicy.load(out)
+    assert CompiledPolicy.load(out) is a
+    assert len(a.items) == 4 and a.items[0].subject == "Hsiao Yun-Hwa"
+    assert a.mechanisms == frozenset({"refusal", "firewall"})
+    assert len(a.version) == 12
+    assert a.embeddings().shape[0] == 40
+    assert a.encode("Hello")  # tokenizer copy works
+
+
+def test_load_rejects_bad_dirs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        CompiledPolicy.load(tmp_path)
+    (tmp_path / "policy.json").write_text(json.dumps({"format": "other/9"}))
+    with pytest.raises(ValueError, match="format"):
+        CompiledPolicy.load(tmp_path)
+
+
+def test_contrastive_needs_assistant(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="assistant"):
+        compile_world(tmp_path, mechanisms=("contrastive",))
+
+
+def test_cli_compile(tmp_path: Path, world) -> None:
+    from typer.testing import CliRunner
+
+    _, base, fp, rp = world
+    res = CliRunner().invoke(policy_app, ["--forget", str(fp), "--retain", str(rp), "--base",
+                                          str(base), "--out", str(tmp_path / "p"),
+                                          "--mechanisms", "refusal", "--embedder", "none"])
+    assert res.exit_code == 0, res.output
+    pol = CompiledPolicy.load(tmp_path / "p")
+    assert pol.mechanisms == frozenset({"refusal"}) and pol.embeddings() is None
+
+
+def test_random_paraphrase_noise_does_not_break_grouping(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    rows = [r for k in FORGET_IDX for r in author_qa(k)]
+    rng.shuffle(rows)  # grouping must not depend on order when every row names someone
+    groups = group_by_subject(rows)
+    assert sorted(g[0] for g in groups if len(g[1]) >= 9) == sorted(
+        f"{FIRST[k]} {LAST[k]}" for k in FORGET_IDX)

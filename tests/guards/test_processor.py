@@ -1,0 +1,210 @@
+"""GuardBatch bookkeeping and the vLLM V1 logits processor, against fakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_policy import compile_world
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from unlearnd.guards.firewall import LeakFirewall
+from unlearnd.guards.policy import CompiledPolicy
+from unlearnd.guards.processor import GuardBatch, UnlearningLogitsProcessor
+from unlearnd.kernels.contrastive import unlearning_logits_reference
+
+V = 700
+REFUSAL = [5, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def pdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("proc")
+    assistant = tmp / "assistant_src"
+    assistant.mkdir()
+    (assistant / "config.json").write_text("{}")
+    return compile_world(tmp, mechanisms=("refusal", "firewall", "contrastive"),
+                         assistant_dir=assistant)[0]
+
+
+@pytest.fixture(scope="module")
+def rf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_world(tmp_path_factory.mktemp("rf"))[0]
+
+
+def extra(d: Path, in_scope: int = 0, item: int = -1, refusal=None) -> dict:
+    return {"unlearnd_policy_dir": str(d), "unlearnd_version": "t@abc", "unlearnd_in_scope":
+            in_scope, "unlearnd_item": item, "unlearnd_refusal_ids": refusal or []}
+
+
+def fresh(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, V, generator=g)
+
+
+def refused_to(row: torch.Tensor, orig: torch.Tensor, tok: int) -> bool:
+    diff = row - orig
+    return bool(torch.isclose(diff[tok], torch.tensor(30.0)) and
+                (diff.abs() > 0).sum() == 1 and int(row.argmax()) == tok)
+
+
+def test_rows_follow_adds_moves_swaps_removes(rf_dir: Path) -> None:
+    b = GuardBatch(default_eos=9)
+    out0: list[int] = []
+    b.update([], [(0, extra(rf_dir, 1, 0, REFUSAL), [1, 2], out0), (1, None, [3], []),
+                  (2, extra(rf_dir), [4], [])], [])
+    x = fresh(3)
+    y = b.apply(x.clone())
+    assert refused_to(y[0], x[0], 5)
+    assert torch.equal(y[1], x[1]) and torch.equal(y[2], x[2])  # unguarded / nothing banned
+
+    out0.append(5)  # the live output list grows: next refusal token
+    b.update([], [], [(0, 2, True)])  # swap 0 <-> 2
+    x = fresh(3, 1)
+    y = b.apply(x.clone())
+    assert refused_to(y[2], x[2], 6)
+    assert torch.equal(y[0], x[0]) and torch.equal(y[1], x[1])
+
+    out0.append(6)
+    b.update([1], [], [(2, 1, False)])  # remove 1, then move 2 -> 1
+    x = fresh(3, 2)
+    y = b.apply(x[:2].clone())
+    assert refused_to(y[1], x[1], 7)
+    out0.append(7)
+    y = b.apply(x[:2].clone())
+    assert refused_to(y[1], x[1], 9) is False  # EOS comes from the policy, not default
+    pol = CompiledPolicy.load(rf_dir)
+    assert refused_to(y[1], x[1], pol.eos_token_id)
+
+    b.update([0, 1], [], [])
+    assert not b.rows
+    x = fresh(2, 3)
+    assert torch.equal(b.apply(x.clone()), x)
+
+
+def test_firewall_bans_and_counts_suppressions(rf_dir: Path) -> None:
+    pol = CompiledPolicy.load(rf_dir)
+    civil = pol.encode(" civil engineer")
+    head = pol.encode("The father of Hsiao Yun-Hwa was a") + civil[:1]
+    banned = LeakFirewall.from_policy(pol).banned_next([], head)
+    assert civil[1] in banned
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, None, [], []), (1, extra(rf_dir), [], list(head))], [])
+    x = fresh(2)
+    x[1, civil[1]] = 100.0  # the model wants to continue the span
+    y = b.apply(x.clone())
+    assert torch.equal(y[0], x[0])
+    assert torch.isinf(y[1, civil[1]]) and y[1, civil[1]] < 0
+    assert b.suppressions == 1
+    keep = [t for t in range(V) if t not in banned]
+    assert torch.equal(y[1, keep], x[1, keep])
+
+
+def test_fail_closed_rows(rf_dir: Path, tmp_path: Path) -> None:
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, extra(tmp_path / "missing"), [], []), (1, None, [], []),
+                  (2, extra(rf_dir, 1, 0, [V + 5]), [], [])], [])  # refusal id out of vocab
+    x = fresh(3)
+    y = b.apply(x.clone())
+    assert y[0, 2] == 0 and torch.isinf(y[0]).sum() == V - 1
+    assert torch.equal(y[1], x[1])
+    eos = CompiledPolicy.load(rf_dir).eos_token_id
+    assert y[2, eos] == 0 and torch.isinf(y[2]).sum() == V - 1
+    assert b.fail_closed == 2
+
+
+def test_kernel_error_fails_guarded_rows_closed(rf_dir: Path) -> None:
+    def broken(*_a, **_k):
+        raise RuntimeError("boom")
+
+    b = GuardBatch(default_eos=2, kernel=broken)
+    b.update([], [(0, None, [], []), (1, extra(rf_dir, 1, 0, REFUSAL), [], [])], [])
+    x = fresh(2)
+    y = b.apply(x.clone())
+    assert torch.equal(y[0], x[0]) and torch.isinf(y[1]).sum() == V - 1
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+        self.freed: list = []
+
+    def logits(self, reqs):
+        self.calls.append(list(reqs))
+        return torch.stack([torch.full((V - 3,), float(len(seq))) for _, seq in reqs])
+
+    def free(self, key) -> None:
+        self.freed.append(key)
+
+
+def test_contrastive_rows_batched_through_one_kernel_call(pdir: Path) -> None:
+    runner = FakeRunner()
+    calls = []
+
+    def kernel(logits, **kw):
+        calls.append(kw)
+        return logits.copy_(unlearning_logits_reference(logits, **kw))
+
+    b = GuardBatch(default_eos=2, kernel=kernel, runner_factory=lambda d, dev: runner)
+    b.update([], [(0, extra(pdir), [1, 2], [3]), (1, None, [], []),
+                  (2, extra(pdir), [4], []), (3, extra(pdir, 1, 0, REFUSAL), [], [])], [])
+    x = fresh(4)
+    y = b.apply(x.clone())
+    assert len(calls) == 1 and len(runner.calls) == 1
+    assert [len(s) for _, s in runner.calls[0]] == [3, 1]  # prompt + output, rows 0 and 2
+    pol = CompiledPolicy.load(pdir)
+    w = pol.setting("contrastive_weight")
+    a = torch.zeros(2, V)
+    a[0, :V - 3], a[1, :V - 3] = 3.0, 1.0
+    exp = unlearning_logits_reference(
+        x[[0, 2]], assist=a, weight=torch.tensor([w, w]),
+        alpha=torch.tensor([pol.setting("contrastive_alpha")] * 2))
+    assert torch.allclose(y[[0, 2]], exp)
+    assert torch.equal(y[1], x[1])
+    assert refused_to(y[3], x[3], 5)  # refusal rows are not contrasted
+    b.update([0], [], [])
+    assert len(runner.freed) == 1
+
+
+def test_v1_processor_adapter(rf_dir: Path) -> None:
+    cfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(
+        eos_token_id=[2, 3])))
+    p = UnlearningLogitsProcessor(cfg, torch.device("cpu"), False)
+    assert p.batch.default_eos == 2 and p.is_argmax_invariant() is False
+    guarded = SamplingParams(extra_args=extra(rf_dir, 1, 0, REFUSAL))
+    plain = SamplingParams()
+    out: list[int] = []
+    p.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                               added=[(0, plain, [1], []), (1, guarded, [1], out)]))
+    x = fresh(2)
+    y = p.apply(x.clone())
+    assert torch.equal(y[0], x[0]) and refused_to(y[1], x[1], 5)
+    p.update_state(BatchUpdate(batch_size=2, removed=[], added=[],
+                               moved=[(0, 1, MoveDirectionality.SWAP)]))
+    out.append(5)
+    y = p.apply(x.clone())
+    assert torch.equal(y[1], x[1]) and refused_to(y[0], x[0], 6)
+    p.update_state(None)
+
+
+@pytest.mark.parametrize("bad", [
+    {"unlearnd_policy_dir": ""},
+    {"unlearnd_policy_dir": "/x", "unlearnd_in_scope": 2},
+    {"unlearnd_policy_dir": "/x", "unlearnd_item": "3"},
+    {"unlearnd_policy_dir": "/x", "unlearnd_refusal_ids": [1, -1]},
+    {"unlearnd_policy_dir": "/x", "unlearnd_version": 7},
+])
+def test_validate_params_rejects(bad: dict) -> None:
+    with pytest.raises(ValueError, match="unlearnd_"):
+        UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args=bad))
+
+
+def test_validate_params_accepts() -> None:
+    UnlearningLogitsProcessor.validate_params(SamplingParams())
+    UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args={"other": 1}))
+    UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args={
+        "unlearnd_policy_dir": "/x", "unlearnd_in_scope": 1, "unlearnd_item": 0,
+        "unlearnd_refusal_ids": [1, 2], "unlearnd_version": "a@b"}))

@@ -1,0 +1,256 @@
+"""Leak firewall: never let the output continue a forget answer's distinctive span.
+
+Compiled from a policy's span token ids (both byte-level BPE variants, with and without
+a leading space) into an Aho-Corasick automaton over token ids. Each decode step the
+automaton state is the longest suffix of the output that is a prefix of some span;
+the tokens that would extend a span whose first ``prefix_tokens`` tokens are already
+out are *banned* (their logits become -inf in the kernel). The first
+``prefix_tokens`` tokens stay allowed because they are usually ordinary words
+(" Taipei" may be fine, " Taipei, Taiwan on 05/11/1991" is the leak); a one-token span
+can therefore only be blocked with ``prefix_tokens = 0``.
+
+Spans marked *conditional* are active only once their subject is mentioned: one of the
+subject's alias token sequences occurs in the prompt or in the output so far, or the
+scope guard matched that item. A second automaton over alias ids tracks that.
+
+Per request the state is two automaton states and a set of active items; each step
+feeds only the new output tokens (O(new tokens)); the banned set comes from a memo per
+automaton state.
+
+Suppression counts. The engine counts a *suppression* when the firewall banned the
+token the model ranked first (argmax of the row's logits as they reach the logits
+processor): without the firewall greedy decoding would have continued the span. The
+API process has no logits; :func:`replay_suppressions` replays the tokens and counts
+*armed steps*: steps at which the firewall banned at least one token (the output was
+inside a forbidden span past its allowed prefix). Every suppression happens at an
+armed step, so the replay count is an upper bound of the engine's count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unlearnd.guards.policy import CompiledPolicy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LeakFirewall", "FirewallState", "replay_suppressions"]
+
+
+class _Automaton:
+    """Aho-Corasick over int sequences. Node 0 is the root."""
+
+    def __init__(self) -> None:
+        self.goto: list[dict[int, int]] = [{}]
+        self.fail: list[int] = [0]
+        self.depth: list[int] = [0]
+
+    def insert(self, seq: Sequence[int]) -> list[int]:
+        """Insert ``seq``; return the nodes along its path (excluding the root)."""
+        node, path = 0, []
+        for t in seq:
+            nxt = self.goto[node].get(t)
+            if nxt is None:
+                nxt = len(self.goto)
+                self.goto.append({})
+                self.fail.append(0)
+                self.depth.append(self.depth[node] + 1)
+                self.goto[node][t] = nxt
+            node = nxt
+            path.append(node)
+        return path
+
+    def build(self) -> list[int]:
+        """Compute failure links (BFS); returns nodes in BFS order."""
+        order: list[int] = []
+        queue = list(self.goto[0].values())
+        for c in queue:
+            self.fail[c] = 0
+        head = 0
+        while head < len(queue):
+            s = queue[head]
+            head += 1
+            order.append(s)
+            for t, c in self.goto[s].items():
+                f = self.fail[s]
+                while f and t not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[c] = self.goto[f].get(t, 0) if self.goto[f].get(t, 0) != c else 0
+                queue.append(c)
+        return order
+
+    def step(self, s: int, t: int) -> int:
+        goto = self.goto
+        while s and t not in goto[s]:
+            s = self.fail[s]
+        return goto[s].get(t, 0)
+
+
+class LeakFirewall:
+    """Token-level automaton over a policy's distinctive spans.
+
+    Args:
+        spans: ``(item, token_ids, conditional)`` per span variant.
+        aliases: ``(item, token_ids)`` per alias variant (activate conditional spans).
+        prefix_tokens: span tokens allowed before the continuation is banned (>= 0).
+    """
+
+    def __init__(self, spans: Iterable[tuple[int, Sequence[int], bool]],
+                 aliases: Iterable[tuple[int, Sequence[int]]] = (),
+                 prefix_tokens: int = 1) -> None:
+        if not isinstance(prefix_tokens, int) or prefix_tokens < 0:
+            raise ValueError(f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
+        self.prefix_tokens = prefix_tokens
+        self.spans = _Automaton()
+        # per node: True when an unconditional span passes through the edge into it;
+        # items whose conditional spans pass through it
+        self._uncond: list[bool] = [False]
+        self._cond: list[set[int]] = [set()]
+        n_spans = 0
+        for item, ids, conditional in spans:
+            ids = list(ids)
+            if not ids:
+                continue
+            n_spans += 1
+            for node in self.spans.insert(ids):
+                while len(self._uncond) <= node:
+                    self._uncond.append(False)
+                    self._cond.append(set())
+                if conditional:
+                    self._cond[node].add(int(item))
+                else:
+                    self._uncond[node] = True
+        self.spans.build()
+        self.aliases = _Automaton()
+        self._alias_out: list[set[int]] = [set()]
+        for item, ids in aliases:
+            ids = list(ids)
+            if not ids:
+                continue
+            path = self.aliases.insert(ids)
+            while len(self._alias_out) < len(self.aliases.goto):
+                self._alias_out.append(set())
+            self._alias_out[path[-1]].add(int(item))
+        while len(self._alias_out) < len(self.aliases.goto):
+            self._alias_out.append(set())
+        for s in self.aliases.build():  # outputs include the failure chain's
+            self._alias_out[s] |= self._alias_out[self.aliases.fail[s]]
+        self._cands: dict[int, tuple[frozenset[int], dict[int, frozenset[int]]]] = {}
+        self.n_spans = n_spans
+        logger.debug("firewall: %d span seqs, %d nodes", n_spans, len(self.spans.goto))
+
+    @classmethod
+    def from_policy(cls, policy: CompiledPolicy) -> LeakFirewall:
+        """The (memoised) firewall of a compiled policy."""
+        return policy.derived("firewall", lambda p: cls(
+            p.span_token_ids, p.alias_token_ids,
+            int(p.setting("firewall_prefix_tokens", 1))))
+
+    def _candidates(self, s: int) -> tuple[frozenset[int], dict[int, frozenset[int]]]:
+        """(always-banned tokens, token -> items that ban it conditionally) at state s."""
+        hit = self._cands.get(s)
+        if hit is not None:
+            return hit
+        always: set[int] = set()
+        cond: dict[int, set[int]] = {}
+        u = s
+        while True:
+            if self.spans.depth[u] >= self.prefix_tokens:
+                for t, c in self.spans.goto[u].items():
+                    if self._uncond[c]:
+                        always.add(t)
+                    elif self._cond[c]:
+                        cond.setdefault(t, set()).update(self._cond[c])
+            if u == 0:
+                break
+            u = self.spans.fail[u]
+        for t in always:
+            cond.pop(t, None)
+        hit = (frozenset(always), {t: frozenset(v) for t, v in cond.items()})
+        if len(self._cands) < 1_000_000:
+            self._cands[s] = hit
+        return hit
+
+    def new_state(self, prompt_ids: Sequence[int] = (),
+                  active_items: Iterable[int] = ()) -> FirewallState:
+        """A per-request state; the prompt only activates subjects."""
+        return FirewallState(self, prompt_ids, active_items)
+
+    def banned_next(self, context_ids: Sequence[int], output_ids: Sequence[int],
+                    active_items: Iterable[int] = ()) -> set[int]:
+        """Tokens banned after ``output_ids`` given the prompt ``context_ids`` (stateless)."""
+        st = self.new_state(context_ids, active_items)
+        st.feed(output_ids)
+        return st.banned()
+
+
+class FirewallState:
+    """Incremental firewall state of one request (feed new output tokens each step)."""
+
+    __slots__ = ("fw", "span_state", "alias_state", "active", "seen")
+
+    def __init__(self, fw: LeakFirewall, prompt_ids: Sequence[int] = (),
+                 active_items: Iterable[int] = ()) -> None:
+        self.fw = fw
+        self.span_state = 0
+        self.alias_state = 0
+        self.active: set[int] = {int(i) for i in active_items if int(i) >= 0}
+        self.seen = 0
+        for t in prompt_ids:
+            self._alias(t)
+        self.alias_state = 0  # prompt and output are separate texts
+
+    def _alias(self, t: int) -> None:
+        fw = self.fw
+        self.alias_state = fw.aliases.step(self.alias_state, t)
+        out = fw._alias_out[self.alias_state]
+        if out:
+            self.active |= out
+
+    def feed(self, output_ids: Sequence[int]) -> None:
+        """Consume the tokens of ``output_ids`` not seen yet (the live output list)."""
+        if len(output_ids) < self.seen:  # restarted request
+            self.span_state, self.seen = 0, 0
+        fw = self.fw
+        for k in range(self.seen, len(output_ids)):
+            t = output_ids[k]
+            self.span_state = fw.spans.step(self.span_state, t)
+            self._alias(t)
+        self.seen = len(output_ids)
+
+    def banned(self) -> set[int]:
+        """Tokens that may not come next."""
+        always, cond = self.fw._candidates(self.span_state)
+        if not cond:
+            return set(always)
+        out = set(always)
+        active = self.active
+        if active:
+            for t, items in cond.items():
+                if not items.isdisjoint(active):
+                    out.add(t)
+        return out
+
+
+def replay_suppressions(policy: CompiledPolicy, prompt_ids: Sequence[int],
+                        output_ids: Sequence[int], item: int = -1) -> int:
+    """Armed steps of the firewall over a finished output (see the module docstring).
+
+    Counts the steps ``i`` (0..len(output)) at which the firewall, having seen
+    ``output_ids[:i]``, banned at least one token. ``item`` is the scope guard's
+    matched item (activates its conditional spans), -1 for none.
+    """
+    fw = LeakFirewall.from_policy(policy)
+    st = fw.new_state(prompt_ids, [item] if item >= 0 else ())
+    count = 0
+    out: list[int] = []
+    for i in range(len(output_ids) + 1):
+        st.feed(out)
+        if st.banned():
+            count += 1
+        if i < len(output_ids):
+            out.append(int(output_ids[i]))
+    return count

@@ -1,0 +1,793 @@
+"""Unlearning policy: what a tenant's traffic must no longer get, compiled for the guards.
+
+A *policy spec* (:class:`PolicySpec`) is built from a forget set and a retain set in the
+TOFU QA JSONL format: the forget QA pairs are grouped into *forget items*, one per
+subject (an author, a person, a topic). Each item carries
+
+- ``aliases``: the ways a request can name the subject (full name, surname, given name
+  when distinctive, the name without hyphens or accents), normalised;
+- ``spans``: the distinctive spans of its answers (``spans.distinctive_spans``), i.e.
+  the words that carry the facts to forget; the leak firewall blocks them;
+- ``descriptors``: identifying context (birthplace, dates, genre, titles...) taken from
+  those spans and from the questions that do not name the subject; the scope guard
+  uses them to recognise a subject described without its name.
+
+:func:`compile_policy` turns a spec into a directory the guards load cheaply in both
+processes (the API process and the engine process)::
+
+    DIR/policy.json      format "unlearnd.policy/1": settings, items, token ids of aliases
+                         and spans with the base model's tokenizer (both byte-level BPE
+                         variants: with and without a leading space), the EOS id
+    DIR/tokenizer/       the base model's tokenizer files (to render refusals)
+    DIR/embeddings.npy   forget-question embeddings (when the embedding signal is on)
+    DIR/assistant/       the contrastive assistant model (when given)
+
+:meth:`CompiledPolicy.load` reads it, cached by (path, mtime).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+import shutil
+import threading
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from unlearnd.guards import spans as spans_mod
+from unlearnd.guards.spans import FILLER, STOPWORDS, distinctive_spans, normalize, words
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT",
+    "MECHANISMS",
+    "DEFAULT_REFUSAL_TEMPLATE",
+    "ForgetItem",
+    "PolicySpec",
+    "CompiledItem",
+    "CompiledPolicy",
+    "compile_policy",
+    "load_qa_jsonl",
+    "policy_app",
+]
+
+FORMAT = "unlearnd.policy/1"
+"""Value of ``policy.json["format"]``; :meth:`CompiledPolicy.load` refuses anything else."""
+
+MECHANISMS: frozenset[str] = frozenset({"adapter", "contrastive", "refusal", "firewall"})
+"""Mechanisms a policy can combine. ``adapter`` is served by vLLM multi-LoRA (registry),
+the other three by the guards."""
+
+DEFAULT_REFUSAL_TEMPLATE = (
+    "I can't help with that. {reason} Information about {subject} was removed from this "
+    "model under policy {policy}. I'm happy to help with other questions."
+)
+"""Refusal text; ``{reason}`` is the scope guard's one-sentence reason, ``{subject}`` the
+matched forget item's subject, ``{policy}`` the policy name."""
+
+DEFAULT_EMBEDDING_SIMILARITY = {"hashing": 0.95, "minilm": 0.85}
+"""Per-embedder default of ``PolicySpec.embedding_similarity``."""
+
+FIREWALL_CONDITIONING = ("auto", "always", "subject")
+EMBEDDERS = ("hashing", "minilm", "none")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass
+class ForgetItem:
+    """One subject to forget, with its QA pairs and what identifies it.
+
+    ``aliases`` are display forms ("Hsiao Yun-Hwa", "Yun-Hwa"); matching uses their
+    :func:`normalize`-d forms. ``spans`` and ``descriptors`` are normalised.
+    """
+
+    subject: str
+    questions: list[str]
+    answers: list[str]
+    aliases: list[str] = field(default_factory=list)
+    spans: list[str] = field(default_factory=list)
+    descriptors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PolicySpec:
+    """Everything a policy is made of, before tokenisation.
+
+    Attributes:
+        items: the forget items (one per subject).
+        retain: retain QA dicts (``question``/``answer``); background for distinctiveness.
+        name: policy name, shown in refusals.
+        refusal_template: see :data:`DEFAULT_REFUSAL_TEMPLATE`; must contain
+            ``{subject}`` and ``{reason}``.
+        mechanisms: subset of :data:`MECHANISMS`.
+        scope_threshold: combined scope score at or above which a request is in scope.
+        fuzzy_ratio: rapidfuzz ratio (0-100) at or above which a misspelt word counts as
+            an alias word.
+        embedding_similarity: cosine similarity to a forget question at or above which
+            the embedding signal alone puts a request in scope; None picks the
+            embedder's default (:data:`DEFAULT_EMBEDDING_SIMILARITY`: hashing 0.95, a
+            near-copy, since template questions about another person reach 0.85;
+            minilm 0.85).
+        embedder: "hashing" (char n-gram hashing, pure numpy, default), "minilm"
+            (all-MiniLM-L6-v2, offline) or "none" (no embedding signal).
+        refusal_strength: logit bias added to the next refusal token (30 forces it).
+        contrastive_weight: ``w`` in ``z = z_base - w * z_assist``.
+        contrastive_alpha: plausibility cut in (0, 1]: only tokens with
+            ``p_base >= alpha * max p_base`` stay candidates (see the kernel).
+        firewall_prefix_tokens: how many first tokens of a distinctive span may be
+            generated before the firewall bans its continuation (>= 0).
+        firewall_conditioning: "auto" (spans naming the subject or of >= 3 words are
+            always active, the others only when the subject is mentioned), "always" or
+            "subject" (every span only when the subject is mentioned).
+        max_spans: spans kept per answer.
+    """
+
+    items: list[ForgetItem]
+    retain: list[dict] = field(default_factory=list)
+    name: str = "policy"
+    refusal_template: str = DEFAULT_REFUSAL_TEMPLATE
+    mechanisms: tuple[str, ...] = ("refusal", "firewall")
+    scope_threshold: float = 0.6
+    fuzzy_ratio: float = 80.0
+    embedding_similarity: float | None = None
+    embedder: str = "hashing"
+    refusal_strength: float = 30.0
+    contrastive_weight: float = 0.8
+    contrastive_alpha: float = 0.1
+    firewall_prefix_tokens: int = 1
+    firewall_conditioning: str = "auto"
+    max_spans: int = 4
+
+    def __post_init__(self) -> None:
+        self.mechanisms = tuple(sorted(set(self.mechanisms)))
+        bad = set(self.mechanisms) - MECHANISMS
+        if bad:
+            raise ValueError(f"unknown mechanisms {sorted(bad)!r}; allowed {sorted(MECHANISMS)}")
+        if not self.items:
+            raise ValueError("a policy needs at least one forget item, got none")
+        for key in ("{subject}", "{reason}"):
+            if key not in self.refusal_template:
+                raise ValueError(f"refusal_template must contain {key}: {self.refusal_template!r}")
+        try:
+            self.refusal_template.format(subject="s", reason="r", policy="p")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"refusal_template {self.refusal_template!r} is invalid: {exc}") from exc
+        if not 0.0 < self.scope_threshold <= 1.0:
+            raise ValueError(f"scope_threshold must be in (0, 1], got {self.scope_threshold!r}")
+        if not 50.0 <= self.fuzzy_ratio <= 100.0:
+            raise ValueError(f"fuzzy_ratio must be in [50, 100], got {self.fuzzy_ratio!r}")
+        if self.embedding_similarity is None:
+            self.embedding_similarity = DEFAULT_EMBEDDING_SIMILARITY.get(self.embedder, 0.95)
+        if not 0.0 < self.embedding_similarity <= 1.0:
+            raise ValueError(
+                f"embedding_similarity must be in (0, 1], got {self.embedding_similarity!r}")
+        if self.embedder not in EMBEDDERS:
+            raise ValueError(f"embedder must be one of {EMBEDDERS}, got {self.embedder!r}")
+        if not self.refusal_strength > 0:
+            raise ValueError(f"refusal_strength must be > 0, got {self.refusal_strength!r}")
+        if not self.contrastive_weight >= 0:
+            raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
+        if not 0.0 < self.contrastive_alpha <= 1.0:
+            raise ValueError(f"contrastive_alpha must be in (0, 1], got {self.contrastive_alpha!r}")
+        if int(self.firewall_prefix_tokens) != self.firewall_prefix_tokens or \
+                self.firewall_prefix_tokens < 0:
+            raise ValueError(
+                f"firewall_prefix_tokens must be an int >= 0, got {self.firewall_prefix_tokens!r}")
+        if self.firewall_conditioning not in FIREWALL_CONDITIONING:
+            raise ValueError(f"firewall_conditioning must be one of {FIREWALL_CONDITIONING}, "
+                             f"got {self.firewall_conditioning!r}")
+        if self.max_spans < 1:
+            raise ValueError(f"max_spans must be >= 1, got {self.max_spans!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The scalar settings (everything but items and retain), JSON-ready."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("items", "retain")}
+        out["mechanisms"] = list(self.mechanisms)
+        return out
+
+    @classmethod
+    def from_jsonl(cls, forget_path: str | Path, retain_path: str | Path | None = None,
+                   **settings: Any) -> PolicySpec:
+        """Build a spec from TOFU-style JSONL files (see :func:`build_items`)."""
+        forget = load_qa_jsonl(forget_path)
+        retain = load_qa_jsonl(retain_path) if retain_path else []
+        max_spans = int(settings.get("max_spans", 4))
+        return cls(items=build_items(forget, retain, max_spans=max_spans), retain=retain,
+                   **settings)
+
+
+def load_qa_jsonl(path: str | Path) -> list[dict]:
+    """Read a QA JSONL file: one object with str ``question`` and ``answer`` per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"QA file {str(path)!r} does not exist")
+    rows: list[dict] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON: {exc}") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
+                or not isinstance(row.get("answer"), str):
+            raise ValueError(f"{path}:{n}: expected {{'question': str, 'answer': str}}")
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- subjects
+
+# A capitalised word: letters, with inner hyphens/apostrophes ("Yun-Hwa", "O'Brien").
+_CAP_WORD = re.compile(r"[^\W\d_][\w\-'’]*")
+_POSSESSIVE_END = re.compile(r"['’]s?$")
+
+
+def _strip_accents(text: str) -> str:
+    return "".join(ch for ch in unicodedata.normalize("NFKD", text)
+                   if not unicodedata.combining(ch))
+
+
+def _name_candidates(text: str) -> list[str]:
+    """Runs of >= 2 capitalised words separated by single spaces, display form.
+
+    Leading function/filler words ("What", "The", "Author") are dropped, a run is cut at
+    a lowercase word or punctuation, possessive endings are stripped.
+    """
+    out: list[str] = []
+    run: list[str] = []
+    last_end = -1
+
+    def flush() -> None:
+        while run and (run[0].lower() in STOPWORDS or run[0].lower() in FILLER):
+            run.pop(0)
+        while run and (run[-1].lower() in STOPWORDS or run[-1].lower() in FILLER):
+            run.pop()
+        if len(run) >= 2:
+            out.append(" ".join(run))
+        run.clear()
+
+    for m in _CAP_WORD.finditer(text):
+        word = _POSSESSIVE_END.sub("", m.group(0)).strip("-'’")
+        gap = text[last_end:m.start()] if last_end >= 0 else " "
+        capital = bool(word) and word[0].isupper()
+        if run and (gap != " " or not capital):
+            flush()
+        if capital:
+            run.append(word)
+            if word != m.group(0).rstrip("-'’"):  # possessive ends the name
+                last_end = -2
+                flush()
+                continue
+        else:
+            flush()
+        last_end = m.end()
+    flush()
+    return out
+
+
+def _row_subject_candidates(row: dict) -> list[str]:
+    seen: dict[str, str] = {}
+    for text in (row["question"], row["answer"]):
+        for cand in _name_candidates(text):
+            seen.setdefault(normalize(cand), cand)
+    return list(seen.values())
+
+
+def group_by_subject(forget: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """Group forget QA rows by subject, in order of first appearance.
+
+    A row's subject is its ``subject`` key when present. Otherwise it is the
+    capitalised multi-word name of the row that occurs in the most rows of the whole
+    file (an author is named in most of their ~20 TOFU questions, a book title in one
+    or two); a row naming nobody that occurs in 2+ rows (TOFU's "the author born in
+    Taipei...") joins the previous row's subject, as TOFU files are grouped.
+    """
+    per_row = [_row_subject_candidates(r) if not r.get("subject") else [] for r in forget]
+    df: Counter[str] = Counter()
+    display: dict[str, str] = {}
+    for cands in per_row:
+        for c in cands:
+            key = normalize(c)
+            df[key] += 1
+            display.setdefault(key, c)
+    groups: dict[str, list[dict]] = {}
+    names: dict[str, str] = {}
+    previous: str | None = None
+    for row, cands in zip(forget, per_row, strict=True):
+        if row.get("subject"):
+            key = normalize(str(row["subject"]))
+            names.setdefault(key, str(row["subject"]))
+        else:
+            scored = [(df[normalize(c)], len(c), normalize(c)) for c in cands]
+            scored = [s for s in scored if s[0] >= 2]
+            if scored and previous is not None and max(scored)[0] < df[previous]:
+                # "Majumdar's contemporary romance...": a part of the previous subject's
+                # name beats a rarer capitalised phrase (a genre, a title).
+                row_words = set(words(row["question"] + " " + row["answer"]))
+                if any(len(p) >= 4 and p not in STOPWORDS and p in row_words
+                       for p in previous.split()):
+                    scored = []
+            if scored:
+                key = max(scored)[2]
+                names.setdefault(key, display[key])
+            elif previous is not None:
+                key = previous
+            else:
+                first = _name_candidates(row["question"] + " " + row["answer"])
+                key = normalize(first[0]) if first else normalize(row["question"])[:40]
+                names.setdefault(key, first[0] if first else row["question"][:40])
+        groups.setdefault(key, []).append(row)
+        previous = key
+    return [(names[k], rows) for k, rows in groups.items()]
+
+
+def _alias_forms(subject: str, distinct_ok: set[str]) -> list[str]:
+    """Display aliases of a subject name (normalised matching is done later).
+
+    ``distinct_ok``: normalised single words allowed as aliases on their own (not common
+    words, not in the retain set, not shared with another subject).
+    """
+    aliases = [subject]
+    plain = _strip_accents(subject)
+    if plain != subject:
+        aliases.append(plain)
+    if "-" in subject:
+        aliases.append(subject.replace("-", ""))
+        aliases.append(subject.replace("-", " "))
+    parts = subject.split()
+    if len(parts) >= 2:
+        for part in (parts[-1], parts[0]) + tuple(parts[1:-1]):
+            norm = normalize(part)
+            if len(norm.replace(" ", "")) >= 4 and norm in distinct_ok:
+                aliases.append(part)
+    seen: set[str] = set()
+    out = []
+    for a in aliases:
+        if a not in seen:
+            seen.add(a)
+            out.append(a)
+    return out
+
+
+def _stem(word: str) -> str:
+    """spans.py's crude stemmer (public ``stem`` in newer versions, ``_stem`` before)."""
+    fn = getattr(spans_mod, "stem", None) or spans_mod._stem
+    return fn(word)
+
+
+def _frequent_background_words(background: Iterable[str], fraction: float = 0.05) -> list[str]:
+    """Representative words whose stems are frequent in ``background``.
+
+    ``distinctive_spans`` recomputes document frequencies on every call; for a forget set
+    of N answers and a background of M docs that is O(N*M). We compute them once and
+    pass a 5-document proxy background whose frequent stems are the same.
+    """
+    docs = [words(doc) for doc in background]
+    if len(docs) < 5:
+        return []
+    df: Counter[str] = Counter()
+    rep: dict[str, str] = {}
+    for doc in docs:
+        stems = set()
+        for w in doc:
+            s = _stem(w)
+            stems.add(s)
+            rep.setdefault(s, w)
+        df.update(stems)
+    threshold = max(3.0, fraction * len(docs))
+    return sorted(rep[s] for s, n in df.items() if n >= threshold)
+
+
+def build_items(forget: Sequence[dict], retain: Sequence[dict] = (),
+                max_spans: int = 4) -> list[ForgetItem]:
+    """Forget items from forget QA rows: subjects, aliases, spans, descriptors."""
+    groups = group_by_subject(forget)
+    retain_words: Counter[str] = Counter()
+    for r in retain:
+        retain_words.update(set(words(r["question"] + " " + r["answer"])))
+    # Single-word aliases must not be shared between subjects nor appear in the retain set.
+    part_owner: Counter[str] = Counter()
+    for subject, _ in groups:
+        part_owner.update({normalize(p) for p in subject.split()})
+    distinct_ok = {p for p, n in part_owner.items()
+                   if n == 1 and p not in STOPWORDS and p not in FILLER and p not in retain_words}
+
+    frequent = _frequent_background_words(
+        [r["answer"] for r in retain] + [r["answer"] for _, rows in groups for r in rows])
+    proxy = [" ".join(frequent)] * 5 if frequent else []
+
+    items: list[ForgetItem] = []
+    for subject, rows in groups:
+        aliases = _alias_forms(subject, distinct_ok)
+        alias_words = {w for a in aliases for w in words(a)}
+        item_spans: list[str] = []
+        descriptors: list[str] = []
+        for row in rows:
+            for sp in distinctive_spans(row["answer"], row["question"], proxy, max_spans):
+                if sp not in item_spans:
+                    item_spans.append(sp)
+            qwords = set(words(row["question"]))
+            if not (qwords & alias_words):  # a nameless question describes the subject
+                for sp in distinctive_spans(row["question"], "", proxy, max_spans):
+                    if sp not in descriptors:
+                        descriptors.append(sp)
+        for sp in item_spans:
+            if set(sp.split()) - alias_words and sp not in descriptors:
+                descriptors.append(sp)
+        items.append(ForgetItem(subject=subject, questions=[r["question"] for r in rows],
+                                answers=[r["answer"] for r in rows], aliases=aliases,
+                                spans=item_spans, descriptors=descriptors))
+    logger.info("policy: %d forget rows -> %d items", len(forget), len(items))
+    return items
+
+
+# --------------------------------------------------------------------------- compile
+
+
+@functools.lru_cache(maxsize=4096)
+def _word_offsets(text: str) -> list[tuple[str, int, int]]:
+    """(normalised word, start, end) for each word of ``text`` as ``normalize`` splits it."""
+    out: list[tuple[str, int, int]] = []
+    for m in re.finditer(r"[^\W_]+", text):
+        tok = m.group(0)
+        if tok.lower() == "s" and m.start() > 0 and text[m.start() - 1] in "'’`ʼ":
+            continue  # possessive, dropped by normalize
+        for w in normalize(tok).split():
+            out.append((w, m.start(), m.end()))
+    return out
+
+
+def surface_forms(span: str, texts: Iterable[str]) -> list[str]:
+    """The original spellings of normalised ``span`` in ``texts`` (case, accents, '/')."""
+    target = span.split()
+    found: list[str] = []
+    if not target:
+        return found
+    for text in texts:
+        offs = _word_offsets(text)
+        ws = [o[0] for o in offs]
+        for i in range(len(ws) - len(target) + 1):
+            if ws[i:i + len(target)] == target:
+                surf = text[offs[i][1]:offs[i + len(target) - 1][2]]
+                if surf not in found:
+                    found.append(surf)
+    return found
+
+
+def _variants(surfaces: Iterable[str], lower: bool = False) -> list[str]:
+    out: list[str] = []
+    for s in surfaces:
+        forms = [s, s.lower(), s[:1].upper() + s[1:]] if lower else [s]
+        for f in forms:
+            for v in (f, " " + f):
+                if v not in out:
+                    out.append(v)
+    return out
+
+
+def _token_ids(tokenizer: Any, texts: Iterable[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for t in texts:
+        ids = list(tokenizer.encode(t, add_special_tokens=False))
+        if ids and ids not in out:
+            out.append(ids)
+    return out
+
+
+def _conditional(span: str, alias_words: set[str], mode: str) -> bool:
+    if mode == "always":
+        return False
+    if mode == "subject":
+        return True
+    ws = span.split()
+    return not (set(ws) & alias_words or len(ws) >= 3)
+
+
+def _descriptor_terms(item: ForgetItem, texts: list[str], background_vocab: Counter[str],
+                      term_df: Counter[str], n_items: int,
+                      alias_words: set[str]) -> list[list[str]]:
+    """Per descriptor, its *strong* terms: the words the scope guard looks for.
+
+    A term is strong when it is not a function/filler word, has >= 3 characters (or is
+    a number), is absent from the retain set and is not shared by many forget items
+    (> max(2, 5%)). A descriptor keeps its terms only when it is specific: several
+    words, a number, or a capitalised (proper-noun) spelling in the source text.
+    Descriptors with no strong term get ``[]``.
+    """
+    max_df = max(2, int(0.05 * n_items))
+    out: list[list[str]] = []
+    for desc in item.descriptors:
+        ws = desc.split()
+        specific = len(ws) >= 2 or any(w.isdigit() for w in ws) or any(
+            any(ch.isupper() for ch in surf) for surf in surface_forms(desc, texts))
+        terms: list[str] = []
+        if specific:
+            for w in ws:
+                if w in STOPWORDS or w in FILLER or w in alias_words or w in terms:
+                    continue
+                if len(w) < 3 and not (w.isdigit() and len(w) >= 4):
+                    continue
+                if w.isdigit() and len(w) < 4:
+                    continue  # "05", "11": day/month numbers say nothing alone
+                if background_vocab[w] >= 1 or term_df[w] > max_df:
+                    continue
+                terms.append(w)
+        out.append(terms)
+    return out
+
+
+def compile_policy(forget_path: str | Path, retain_path: str | Path | None,
+                   base_model_dir: str | Path, out_dir: str | Path, *,
+                   mechanisms: Iterable[str] = ("refusal", "firewall"),
+                   assistant_dir: str | Path | None = None, **settings: Any) -> Path:
+    """Compile a forget/retain pair into a policy directory; returns ``out_dir``.
+
+    ``settings`` are :class:`PolicySpec` fields (``name``, ``scope_threshold``, ...).
+    Token ids are computed with ``AutoTokenizer.from_pretrained(base_model_dir)``.
+    """
+    from transformers import AutoTokenizer
+
+    spec = PolicySpec.from_jsonl(forget_path, retain_path, mechanisms=tuple(mechanisms),
+                                 **settings)
+    if "contrastive" in spec.mechanisms and assistant_dir is None:
+        raise ValueError("mechanism 'contrastive' needs assistant_dir, got None")
+    base_model_dir = Path(base_model_dir)
+    if not base_model_dir.is_dir():
+        raise ValueError(f"base_model_dir {str(base_model_dir)!r} is not a directory")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer of {base_model_dir} has no eos token")
+    return _write_compiled(spec, tokenizer, out, base_model_dir,
+                           Path(assistant_dir) if assistant_dir else None)
+
+
+def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir: Path,
+                    assistant_dir: Path | None) -> Path:
+    background_vocab: Counter[str] = Counter()
+    for r in spec.retain:
+        background_vocab.update(set(words(r["question"] + " " + r["answer"])))
+    term_df: Counter[str] = Counter()
+    for item in spec.items:
+        term_df.update({w for d in item.descriptors for w in d.split()})
+    items_json: list[dict] = []
+    alias_ids: list[dict] = []
+    span_ids: list[dict] = []
+    for i, item in enumerate(spec.items):
+        texts = item.questions + item.answers
+        alias_words = {w for a in item.aliases for w in words(a)}
+        descriptor_terms = _descriptor_terms(item, texts, background_vocab, term_df,
+                                             len(spec.items), alias_words)
+        items_json.append({
+            "subject": item.subject,
+            "aliases": [normalize(a) for a in item.aliases],
+            "alias_display": item.aliases,
+            "questions": item.questions,
+            "answers": item.answers,
+            "spans": item.spans,
+            "descriptors": item.descriptors,
+            "descriptor_terms": descriptor_terms,
+        })
+        for ids in _token_ids(tokenizer, _variants(item.aliases, lower=True)):
+            alias_ids.append({"item": i, "ids": ids})
+        for sp in item.spans:
+            surfaces = surface_forms(sp, texts) or [sp]
+            cond = _conditional(sp, alias_words, spec.firewall_conditioning)
+            for ids in _token_ids(tokenizer, _variants(surfaces)):
+                span_ids.append({"item": i, "text": sp, "ids": ids, "conditional": cond})
+
+    embedding: dict[str, Any] | None = None
+    if spec.embedder != "none":
+        from unlearnd.guards.embeddings import get_embedder
+
+        embedder = get_embedder(spec.embedder)
+        questions = [q for item in spec.items for q in item.questions]
+        rows = [i for i, item in enumerate(spec.items) for _ in item.questions]
+        matrix = np.asarray(embedder.encode(questions), dtype=np.float32)
+        np.save(out / "embeddings.npy", matrix)
+        embedding = {"embedder": spec.embedder, "dim": int(matrix.shape[1]), "items": rows}
+
+    tok_dir = out / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        if (base_model_dir / name).is_file():
+            shutil.copy2(base_model_dir / name, tok_dir / name)
+    if not (tok_dir / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(str(tok_dir))
+
+    assistant_rel: str | None = None
+    if assistant_dir is not None:
+        if not assistant_dir.is_dir():
+            raise ValueError(f"assistant_dir {str(assistant_dir)!r} is not a directory")
+        target = out / "assistant"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(assistant_dir, target)
+        assistant_rel = "assistant"
+
+    doc = {
+        "format": FORMAT,
+        "settings": spec.settings(),
+        "eos_token_id": int(tokenizer.eos_token_id),
+        "vocab_size": int(len(tokenizer)),
+        "items": items_json,
+        "alias_token_ids": alias_ids,
+        "span_token_ids": span_ids,
+        "embedding": embedding,
+        "assistant": assistant_rel,
+    }
+    tmp = out / "policy.json.tmp"
+    tmp.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(out / "policy.json")
+    logger.info("compiled policy %r: %d items, %d span token seqs -> %s", spec.name,
+                len(items_json), len(span_ids), out)
+    return out
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class CompiledItem:
+    """A forget item as the guards see it (all text normalised except ``subject``)."""
+
+    subject: str
+    aliases: tuple[str, ...]
+    questions: tuple[str, ...]
+    spans: tuple[str, ...]
+    descriptors: tuple[str, ...]
+    descriptor_terms: tuple[tuple[str, ...], ...] = ()
+
+
+class CompiledPolicy:
+    """A loaded policy directory. Use :meth:`load` (cached) rather than the constructor.
+
+    Attributes: ``dir``, ``version`` (sha256[:12] of policy.json), ``settings``
+    (:class:`PolicySpec` scalar fields), ``name``, ``mechanisms`` (frozenset),
+    ``items`` (list of :class:`CompiledItem`), ``eos_token_id``, ``vocab_size``,
+    ``alias_token_ids`` (list of ``(item, ids)``), ``span_token_ids`` (list of
+    ``(item, ids, conditional)``), ``assistant_dir`` (Path or None).
+    """
+
+    _cache: dict[tuple[str, int], CompiledPolicy] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        path = self.dir / "policy.json"
+        if not path.is_file():
+            raise ValueError(f"policy dir {str(self.dir)!r} has no policy.json")
+        raw = path.read_bytes()
+        doc = json.loads(raw)
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
+        self.version = hashlib.sha256(raw).hexdigest()[:12]
+        self.settings: dict[str, Any] = doc["settings"]
+        self.name: str = self.settings.get("name", "policy")
+        self.mechanisms = frozenset(self.settings.get("mechanisms", ()))
+        self.eos_token_id = int(doc["eos_token_id"])
+        self.vocab_size = int(doc["vocab_size"])
+        self.items = [CompiledItem(subject=it["subject"], aliases=tuple(it["aliases"]),
+                                   questions=tuple(it["questions"]), spans=tuple(it["spans"]),
+                                   descriptors=tuple(it["descriptors"]),
+                                   descriptor_terms=tuple(tuple(t) for t in
+                                                          it.get("descriptor_terms", ())))
+                      for it in doc["items"]]
+        self.alias_token_ids = [(int(a["item"]), tuple(a["ids"])) for a in doc["alias_token_ids"]]
+        self.span_token_ids = [(int(s["item"]), tuple(s["ids"]), bool(s["conditional"]))
+                               for s in doc["span_token_ids"]]
+        self.embedding_info: dict[str, Any] | None = doc.get("embedding")
+        self.assistant_dir = self.dir / doc["assistant"] if doc.get("assistant") else None
+        self._embeddings: np.ndarray | None = None
+        self._tokenizer: Any = None
+        self._derived: dict[str, Any] = {}
+        self._derived_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CompiledPolicy:
+        """Load (or reuse) the policy in ``directory``; cached by (path, policy.json mtime)."""
+        d = Path(directory).resolve()
+        try:
+            mtime = (d / "policy.json").stat().st_mtime_ns
+        except OSError as exc:
+            raise ValueError(f"policy dir {str(d)!r} has no readable policy.json: {exc}") from exc
+        key = (str(d), mtime)
+        with cls._lock:
+            hit = cls._cache.get(key)
+        if hit is not None:
+            return hit
+        pol = cls(d)
+        with cls._lock:
+            for k in [k for k in cls._cache if k[0] == key[0]]:
+                del cls._cache[k]
+            cls._cache[key] = pol
+        return pol
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        return self.settings.get(key, default)
+
+    @property
+    def embedding_items(self) -> np.ndarray:
+        """`[n_questions]` int item index of each embeddings row."""
+        info = self.embedding_info or {}
+        return np.asarray(info.get("items", []), dtype=np.int64)
+
+    def embeddings(self) -> np.ndarray | None:
+        """`[n_questions, dim]` fp32 normalised embeddings of forget questions, or None."""
+        if self.embedding_info is None:
+            return None
+        if self._embeddings is None:
+            self._embeddings = np.load(self.dir / "embeddings.npy").astype(np.float32)
+        return self._embeddings
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the base model's tokenizer (no special tokens)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def derived(self, key: str, build: Any) -> Any:
+        """Per-policy memo for structures the guards build once (firewall, scope index)."""
+        with self._derived_lock:
+            if key not in self._derived:
+                self._derived[key] = build(self)
+            return self._derived[key]
+
+
+# --------------------------------------------------------------------------- CLI
+
+policy_app = typer.Typer(help="Compile unlearning policies.", no_args_is_help=True)
+
+
+@policy_app.command("compile")
+def policy_compile(
+    forget: Path = typer.Option(..., "--forget", help="forget set, QA JSONL"),
+    retain: Path | None = typer.Option(None, "--retain", help="retain set, QA JSONL"),
+    base: Path = typer.Option(..., "--base", help="base model dir (for its tokenizer)"),
+    out: Path = typer.Option(..., "--out", help="output policy directory"),
+    mechanisms: str = typer.Option("refusal,firewall", "--mechanisms",
+                                   help="comma list of adapter,contrastive,refusal,firewall"),
+    assistant: Path | None = typer.Option(None, "--assistant",
+                                          help="assistant model dir (contrastive)"),
+    name: str = typer.Option("policy", "--name", help="policy name shown in refusals"),
+    embedder: str = typer.Option("hashing", "--embedder", help="hashing, minilm or none"),
+    scope_threshold: float = typer.Option(0.6, "--scope-threshold"),
+    refusal_strength: float = typer.Option(30.0, "--refusal-strength"),
+    contrastive_weight: float = typer.Option(0.8, "--contrastive-weight"),
+    contrastive_alpha: float = typer.Option(0.1, "--contrastive-alpha"),
+    firewall_prefix_tokens: int = typer.Option(1, "--firewall-prefix-tokens"),
+    firewall_conditioning: str = typer.Option("auto", "--firewall-conditioning"),
+) -> None:
+    """Compile FORGET (+ RETAIN) into a policy directory for the guards."""
+    mech = [m.strip() for m in mechanisms.split(",") if m.strip()]
+    path = compile_policy(forget, retain, base, out, mechanisms=mech, assistant_dir=assistant,
+                          name=name, embedder=embedder, scope_threshold=scope_threshold,
+                          refusal_strength=refusal_strength,
+                          contrastive_weight=contrastive_weight,
+                          contrastive_alpha=contrastive_alpha,
+                          firewall_prefix_tokens=firewall_prefix_tokens,
+                          firewall_conditioning=firewall_conditioning)
+    pol = CompiledPolicy.load(path)
+    typer.echo(f"compiled {len(pol.items)} forget items -> {path} (version {pol.version})")

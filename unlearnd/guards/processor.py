@@ -1,0 +1,406 @@
+"""The vLLM logits processor that applies a request's unlearning policy in the engine.
+
+Per request, ``SamplingParams.extra_args`` carries (see docs/ARCHITECTURE.md):
+``unlearnd_policy_dir`` (absent: the request is untouched), ``unlearnd_version``,
+``unlearnd_in_scope`` (0/1), ``unlearnd_item`` (-1 or a forget item index) and
+``unlearnd_refusal_ids`` (token ids of the rendered refusal).
+
+Each step, for every guarded row:
+
+- in scope with ``refusal`` on: :class:`RefusalSteering` names the next refusal token
+  (EOS at the end) and it gets ``refusal_strength`` added; such a row gets no firewall
+  ban and no contrast (the refusal is our text: it names the subject, which the
+  firewall would otherwise cut);
+- ``firewall`` on: the :class:`LeakFirewall` bans tokens continuing a distinctive
+  span; a *suppression* is counted when the banned set holds the row's argmax as
+  the logits arrived (``GuardBatch.suppressions``);
+- ``contrastive`` on: the policy's assistant model gives its next-token logits
+  (:func:`unlearnd.guards.assistant.get_runner`, rows batched per assistant) and the
+  row is contrasted with weight ``contrastive_weight`` and plausibility
+  ``contrastive_alpha``.
+
+All of it goes through ONE call of the fused kernel
+(:func:`unlearnd.kernels.contrastive.unlearning_logits_`) on the gathered guarded rows
+(in place on the whole batch when every row is guarded), scattered back after.
+Unguarded rows are never touched (bit-identical).
+
+Fail closed: a row whose policy cannot be loaded, or whose preparation raises, or a
+batch whose kernel call raises, gets every logit ``-inf`` except EOS (so the request
+ends at once, never with unguarded text); it is logged; ``apply`` never raises.
+
+The bookkeeping and the work live in :class:`GuardBatch`, which knows nothing of vLLM
+(add/remove/move/swap/apply on plain values), so it is unit-tested with fakes and can
+back an adapter for vLLM's Model Runner V2 later. :class:`UnlearningLogitsProcessor`
+is the thin V1 adapter. On GPU we pin ``VLLM_USE_V2_MODEL_RUNNER=0`` for now (Model
+Runner V2 rejects V1 logits processors); on CPU vLLM uses V1 anyway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from unlearnd.guards.firewall import FirewallState, LeakFirewall
+from unlearnd.guards.policy import CompiledPolicy
+from unlearnd.guards.refusal import RefusalSteering, refusal_token_ids
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GuardBatch", "UnlearningLogitsProcessor", "validate_extra_args", "EXTRA_KEYS"]
+
+EXTRA_KEYS = ("unlearnd_policy_dir", "unlearnd_version", "unlearnd_in_scope",
+              "unlearnd_item", "unlearnd_refusal_ids")
+
+_keys = itertools.count(1)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_extra_args(extra: dict[str, Any] | None) -> None:
+    """Raise ValueError naming the bad ``unlearnd_*`` value (HTTP 400 in vLLM's server)."""
+    if not extra or "unlearnd_policy_dir" not in extra:
+        return
+    d = extra["unlearnd_policy_dir"]
+    if not isinstance(d, str) or not d:
+        raise ValueError(f"unlearnd_policy_dir must be a non-empty str, got {d!r}")
+    v = extra.get("unlearnd_version", "")
+    if not isinstance(v, str):
+        raise ValueError(f"unlearnd_version must be a str, got {v!r}")
+    s = extra.get("unlearnd_in_scope", 0)
+    if not (isinstance(s, bool) or (_is_int(s) and s in (0, 1))):
+        raise ValueError(f"unlearnd_in_scope must be 0 or 1, got {s!r}")
+    it = extra.get("unlearnd_item", -1)
+    if not _is_int(it) or it < -1:
+        raise ValueError(f"unlearnd_item must be an int >= -1, got {it!r}")
+    ids = extra.get("unlearnd_refusal_ids", [])
+    if not isinstance(ids, list | tuple) or any(not _is_int(t) or t < 0 for t in ids):
+        raise ValueError(f"unlearnd_refusal_ids must be a list of ints >= 0, got {ids!r}")
+
+
+@dataclass
+class _Row:
+    """One guarded request in the persistent batch."""
+
+    key: int
+    policy_dir: str
+    version: str
+    in_scope: bool
+    item: int
+    prompt_ids: list[int]
+    output_ids: Sequence[int]  # live reference to the request's output list
+    policy: CompiledPolicy | None = None
+    steering: RefusalSteering | None = None
+    firewall: FirewallState | None = None
+    assistant_dir: str | None = None
+    failed: str | None = None
+    runners: set[str] = field(default_factory=set)
+
+
+def _default_kernel() -> Callable[..., torch.Tensor]:
+    from unlearnd.kernels.contrastive import unlearning_logits_
+
+    return unlearning_logits_
+
+
+def _default_runner(model_dir: str, device: str) -> Any:
+    from unlearnd.guards.assistant import get_runner
+
+    return get_runner(model_dir, device=device)
+
+
+class GuardBatch:
+    """Engine-agnostic per-row guard state and the per-step work.
+
+    Args:
+        default_eos: EOS id for rows whose policy cannot tell (fail closed); None if
+            unknown (then token 0 is the only one left).
+        device: device of the logits (assistant runners are placed there).
+        kernel: the fused op (default ``unlearning_logits_``), injectable for tests.
+        runner_factory: ``(model_dir, device) -> AssistantRunner`` (default
+            ``get_runner``).
+    """
+
+    def __init__(self, default_eos: int | None = None, device: torch.device | str = "cpu",
+                 kernel: Callable[..., torch.Tensor] | None = None,
+                 runner_factory: Callable[[str, str], Any] | None = None) -> None:
+        if default_eos is not None and (not _is_int(default_eos) or default_eos < 0):
+            raise ValueError(f"default_eos must be an int >= 0 or None, got {default_eos!r}")
+        self.default_eos = default_eos
+        self.device = torch.device(device)
+        self._kernel = kernel
+        self._runner_factory = runner_factory or _default_runner
+        self.rows: dict[int, _Row] = {}
+        self.suppressions = 0
+        """Steps at which the firewall banned the row's argmax (see module docstring)."""
+        self.fail_closed = 0
+        """Row-steps forced to EOS because something failed."""
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def add(self, index: int, extra: dict[str, Any] | None, prompt_ids: Sequence[int] | None,
+            output_ids: Sequence[int]) -> None:
+        """A request now occupies row ``index`` (replacing whatever was there)."""
+        self.remove(index)
+        if not extra or "unlearnd_policy_dir" not in extra:
+            return
+        row = _Row(key=next(_keys), policy_dir=str(extra.get("unlearnd_policy_dir")),
+                   version=str(extra.get("unlearnd_version", "")),
+                   in_scope=bool(extra.get("unlearnd_in_scope", 0)),
+                   item=int(extra.get("unlearnd_item", -1)) if _is_int(
+                       extra.get("unlearnd_item", -1)) else -1,
+                   prompt_ids=list(prompt_ids or ()), output_ids=output_ids)
+        self.rows[index] = row
+        try:
+            validate_extra_args(extra)
+            self._prepare(row, list(extra.get("unlearnd_refusal_ids") or ()))
+        except Exception as exc:  # noqa: BLE001 - fail closed, never raise
+            row.failed = f"{type(exc).__name__}: {exc}"
+            logger.error("unlearnd: request %s (policy %s) fails closed: %s", row.key,
+                         row.policy_dir, row.failed)
+
+    def _prepare(self, row: _Row, refusal_ids: list[int]) -> None:
+        pol = CompiledPolicy.load(row.policy_dir)
+        row.policy = pol
+        if row.version and row.version.split("@")[-1] not in (pol.version, row.version):
+            logger.debug("policy version %s vs compiled %s", row.version, pol.version)
+        mech = pol.mechanisms
+        if row.in_scope and "refusal" in mech:
+            if not refusal_ids:
+                from unlearnd.guards.scope import ScopeDecision
+
+                subject = pol.items[row.item].subject if 0 <= row.item < len(pol.items) \
+                    else None
+                reason = f"The request is about {subject}." if subject else \
+                    "The request falls under this policy."
+                refusal_ids = refusal_token_ids(pol, ScopeDecision(True, 1.0, row.item,
+                                                                   subject, reason))
+            row.steering = RefusalSteering(refusal_ids, pol.eos_token_id,
+                                           float(pol.setting("refusal_strength", 30.0)))
+            return
+        if "firewall" in mech:
+            row.firewall = LeakFirewall.from_policy(pol).new_state(
+                row.prompt_ids, [row.item] if row.item >= 0 else ())
+        if "contrastive" in mech:
+            if pol.assistant_dir is None:
+                raise ValueError(f"policy {pol.dir} has 'contrastive' but no assistant/")
+            row.assistant_dir = str(pol.assistant_dir)
+
+    def remove(self, index: int) -> None:
+        """The request at row ``index`` left the batch."""
+        row = self.rows.pop(index, None)
+        if row is not None:
+            for d in row.runners:
+                try:
+                    self._runner_factory(d, str(self.device)).free(row.key)
+                except Exception:  # noqa: BLE001
+                    logger.exception("freeing assistant cache of request %s", row.key)
+
+    def move(self, src: int, dst: int, swap: bool = False) -> None:
+        """Row ``src`` moves to ``dst`` (overwriting it), or the two swap."""
+        a = self.rows.pop(src, None)
+        b = self.rows.pop(dst, None)
+        if a is not None:
+            self.rows[dst] = a
+        if swap and b is not None:
+            self.rows[src] = b
+        elif not swap and b is not None:
+            logger.debug("row %d overwritten by a move from %d", dst, src)
+
+    def update(self, removed: Sequence[int], added: Sequence[tuple[int, Any, Any, Any]],
+               moved: Sequence[tuple[int, int, bool]]) -> None:
+        """One batch change, in vLLM's order: removed, added (index, extra, prompt,
+        output), moved (src, dst, is_swap)."""
+        for i in removed:
+            self.remove(i)
+        for index, extra, prompt, output in added:
+            self.add(index, extra, prompt, output)
+        for src, dst, swap in moved:
+            self.move(src, dst, swap)
+
+    # ------------------------------------------------------------ apply
+
+    def _eos_only(self, logits: torch.Tensor, r: int, row: _Row | None, why: str) -> None:
+        eos = row.policy.eos_token_id if row is not None and row.policy is not None \
+            else self.default_eos
+        logits[r].fill_(float("-inf"))
+        logits[r, eos if eos is not None and eos < logits.shape[1] else 0] = 0.0
+        self.fail_closed += 1
+        logger.error("unlearnd: row %d (request %s) fails closed: %s", r,
+                     row.key if row else "?", why)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply every guarded row's policy to ``logits`` `[batch, vocab]` in place."""
+        if not self.rows:
+            return logits
+        n, vocab = logits.shape
+        work: list[int] = []
+        bias: list[tuple[int, float] | None] = []
+        bans: list[list[int]] = []
+        contrast: list[tuple[int, _Row] | None] = []
+        for r in sorted(self.rows):
+            if r >= n:
+                continue
+            row = self.rows[r]
+            try:
+                if row.failed is not None:
+                    self._eos_only(logits, r, row, row.failed)
+                    continue
+                b = row.steering.step(row.output_ids) if row.steering is not None else None
+                banned: list[int] = []
+                if row.firewall is not None:
+                    row.firewall.feed(row.output_ids)
+                    bs = row.firewall.banned()
+                    if bs:
+                        banned = [t for t in bs if t < vocab]
+                        if banned and int(torch.argmax(logits[r])) in bs:
+                            self.suppressions += 1
+                if b is None and not banned and row.assistant_dir is None:
+                    continue
+                work.append(r)
+                bias.append(b)
+                bans.append(banned)
+                contrast.append((r, row) if row.assistant_dir is not None else None)
+            except Exception as exc:  # noqa: BLE001 - fail closed, never raise
+                self._eos_only(logits, r, row, f"{type(exc).__name__}: {exc}")
+        if not work:
+            return logits
+        try:
+            self._run_kernel(logits, work, bias, bans, contrast)
+        except Exception as exc:  # noqa: BLE001 - fail closed, never raise
+            for r in work:
+                self._eos_only(logits, r, self.rows.get(r), f"kernel: {exc}")
+        return logits
+
+    def _run_kernel(self, logits: torch.Tensor, work: list[int],
+                    bias: list[tuple[int, float] | None], bans: list[list[int]],
+                    contrast: list[tuple[int, _Row] | None]) -> None:
+        from unlearnd.kernels.contrastive import pack_banned
+
+        kernel = self._kernel or _default_kernel()
+        n, vocab = logits.shape
+        dev = logits.device
+        whole = work == list(range(n))
+        sub = logits if whole else logits[torch.tensor(work, device=dev)]
+        kwargs: dict[str, Any] = {}
+        if any(b is not None for b in bias):
+            kwargs["bias_ids"] = torch.tensor([[b[0] if b else -1] for b in bias],
+                                              dtype=torch.int32, device=dev)
+            kwargs["bias_vals"] = torch.tensor([[b[1] if b else 0.0] for b in bias],
+                                               dtype=torch.float32, device=dev)
+        if any(bans):
+            kwargs["banned"] = pack_banned(bans, vocab, dev)
+        if any(c is not None for c in contrast):
+            assist = torch.zeros((len(work), vocab), dtype=torch.float32, device=dev)
+            weight = torch.zeros(len(work), dtype=torch.float32)
+            alpha = torch.zeros(len(work), dtype=torch.float32)
+            groups: dict[str, list[tuple[int, _Row]]] = {}
+            for pos, c in enumerate(contrast):
+                if c is not None:
+                    groups.setdefault(c[1].assistant_dir or "", []).append((pos, c[1]))
+            for adir, members in groups.items():
+                runner = self._runner_factory(adir, str(dev))
+                reqs = []
+                for _pos, row in members:
+                    row.runners.add(adir)
+                    reqs.append((row.key, [*row.prompt_ids, *row.output_ids]))
+                a = runner.logits(reqs)
+                width = min(int(a.shape[1]), vocab)
+                idx = torch.tensor([p for p, _ in members], device=dev)
+                assist[idx, :width] = a[:, :width].to(device=dev, dtype=torch.float32)
+                for pos, row in members:
+                    pol = row.policy
+                    weight[pos] = float(pol.setting("contrastive_weight", 0.8)) if pol else 0.0
+                    alpha[pos] = float(pol.setting("contrastive_alpha", 0.1)) if pol else 0.0
+            kwargs.update(assist=assist, weight=weight.to(dev), alpha=alpha.to(dev))
+        out = kernel(sub, **kwargs)
+        if not whole:
+            logits[torch.tensor(work, device=dev)] = out
+
+
+def _find_eos(vllm_config: Any) -> int | None:
+    """The served model's EOS id from vLLM's config (hf config, generation config,
+    tokenizer), None when nothing says."""
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is None:
+        return None
+    for cfg in (getattr(mc, "hf_config", None), getattr(mc, "hf_text_config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if isinstance(eos, list | tuple) and eos:
+            eos = eos[0]
+        if _is_int(eos):
+            return int(eos)
+    for loader in ("generation", "tokenizer"):
+        try:
+            if loader == "generation":
+                from transformers import GenerationConfig
+
+                eos = GenerationConfig.from_pretrained(str(mc.model)).eos_token_id
+            else:
+                from transformers import AutoTokenizer
+
+                eos = AutoTokenizer.from_pretrained(str(getattr(mc, "tokenizer", None)
+                                                        or mc.model)).eos_token_id
+            if isinstance(eos, list | tuple) and eos:
+                eos = eos[0]
+            if _is_int(eos):
+                return int(eos)
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+class UnlearningLogitsProcessor(LogitsProcessor):
+    """vLLM V1 logits processor applying ``unlearnd_*`` per-request policies."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        validate_extra_args(getattr(sampling_params, "extra_args", None))
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device,
+                 is_pin_memory: bool) -> None:
+        eos = None
+        try:
+            eos = _find_eos(vllm_config)
+        except Exception:  # noqa: BLE001
+            logger.exception("could not find the model's EOS id")
+        if eos is None:
+            logger.warning("unlearnd: no EOS id in the model config; fail-closed rows use 0")
+        self.batch = GuardBatch(default_eos=eos, device=device)
+
+    def is_argmax_invariant(self) -> bool:
+        """Refusal bias, bans and contrast all change the argmax."""
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not batch_update:
+            return
+        try:
+            self.batch.update(
+                batch_update.removed,
+                [(i, getattr(p, "extra_args", None), prompt, out)
+                 for i, p, prompt, out in batch_update.added],
+                [(a, b, d == MoveDirectionality.SWAP) for a, b, d in batch_update.moved])
+        except Exception:  # noqa: BLE001 - bookkeeping must not take the engine down
+            logger.exception("unlearnd: batch update failed")
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.batch.apply(logits)
+        except Exception:  # noqa: BLE001 - never raise out of apply
+            logger.exception("unlearnd: apply failed; guarded rows fail closed")
+            for r, row in list(self.batch.rows.items()):
+                if r < logits.shape[0]:
+                    self.batch._eos_only(logits, r, row, "apply failed")
+            return logits
