@@ -1,0 +1,244 @@
+"""`unlearnd demo`: build the demo world once (cached), then serve it with several tenants.
+
+Steps, each cached under the work dir and redone only when its inputs change:
+
+1. `data/`: the synthetic world (`unlearnd data synth`).
+2. `base/`: a small Llama that has memorised every author (`unlearnd build-base`).
+3. `adapters/`: unlearning LoRA adapters (`unlearnd train-adapter`): NPO for group 1,
+   GradDiff for group 2, the TRU-style reasoning adapter for group 1.
+4. `assistant/`: the ULD assistant for group 1 (`unlearnd train-assistant`).
+5. `policies/`: compiled guard policies (`unlearnd policy compile`).
+6. the server, and `demo.json` (base_url, admin_key, tenants with key, mechanisms and
+   forget/retain/probes paths).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoTenant:
+    """A demo tenant: which group it forgets and with which mechanisms."""
+
+    name: str
+    group: int | None                 # None: forgets nothing (measured on all groups)
+    mechanisms: tuple[str, ...]
+    adapter: str | None = None        # key into the adapters built
+    policy: str | None = None         # key into the policies compiled
+
+
+TENANTS = (
+    DemoTenant("public", None, ()),
+    DemoTenant("acme", 1, ("adapter",), adapter="npo_1"),
+    DemoTenant("globex", 2, ("adapter",), adapter="graddiff_2"),
+    DemoTenant("initech", 1, ("adapter",), adapter="reasoning_1"),
+    DemoTenant("umbrella", 1, ("firewall", "refusal"), policy="guards_1"),
+    DemoTenant("hooli", 1, ("firewall",), policy="firewall_1"),
+    DemoTenant("cyberdyne", 1, ("contrastive",), policy="contrastive_1"),
+    DemoTenant("tyrell", 2, ("adapter", "contrastive", "firewall", "refusal"),
+               adapter="npo_2", policy="all_2"),
+)
+
+ADAPTERS = {  # name -> (method, group)
+    "npo_1": ("npo", 1),
+    "graddiff_2": ("graddiff", 2),
+    "reasoning_1": ("reasoning", 1),
+    "npo_2": ("npo", 2),
+}
+POLICIES = {  # name -> (mechanisms, group, assistant?)
+    "guards_1": (("firewall", "refusal"), 1, False),
+    "firewall_1": (("firewall",), 1, False),
+    "contrastive_1": (("contrastive",), 1, True),
+    "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, True),
+}
+
+
+def _cached(out: Path, params: dict, build: Callable[[], Any]) -> None:
+    """Run `build` unless `out/.unlearnd-step.json` records the same params."""
+    stamp = out / ".unlearnd-step.json"
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        logger.info("cached: %s", out)
+        return
+    t0 = time.time()
+    build()
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"key": key, "params": params, "seconds": time.time() - t0},
+                                default=str, indent=2))
+
+
+def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size: int = 4,
+                seed: int = 0, tenants: tuple[DemoTenant, ...] = TENANTS) -> dict[str, Path]:
+    """Build (or reuse) every artefact the demo tenants need; returns their paths."""
+    from unlearnd.guards.policy import compile_policy
+    from unlearnd.toolkit.assistant_train import train_assistant
+    from unlearnd.toolkit.build_base import build_base
+    from unlearnd.toolkit.synth import synthesize
+    from unlearnd.toolkit.unlearn import train_adapter
+
+    workdir = Path(workdir).resolve()
+    data, base = workdir / "data", workdir / "base"
+    world = {"authors": authors, "groups": groups, "group_size": group_size, "seed": seed}
+    _cached(data, world, lambda: synthesize(data, **world))
+    _cached(base, {"world": world, "v": 1}, lambda: build_base([data / "train.jsonl"], base))
+    paths: dict[str, Path] = {"data": data, "base": base}
+    needed_adapters = {t.adapter for t in tenants if t.adapter}
+    needed_policies = {t.policy for t in tenants if t.policy}
+    retain = data / "retain.jsonl"
+    for name in sorted(needed_adapters):
+        method, group = ADAPTERS[name]
+        out = workdir / "adapters" / name
+        _cached(out, {"world": world, "method": method, "group": group, "v": 1},
+                lambda out=out, method=method, group=group: train_adapter(
+                    base, data / f"forget_{group}.jsonl", retain, out, method=method))
+        paths[f"adapter:{name}"] = out
+    assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
+    for group in sorted(assistant_groups):
+        out = workdir / "assistants" / f"group_{group}"
+        _cached(out, {"world": world, "group": group, "v": 1},
+                lambda out=out, group=group: train_assistant(
+                    base, data / f"forget_{group}.jsonl", retain, out))
+        paths[f"assistant:{group}"] = out
+    for name in sorted(needed_policies):
+        mechanisms, group, wants_assistant = POLICIES[name]
+        out = workdir / "policies" / name
+        assistant = paths.get(f"assistant:{group}") if wants_assistant else None
+        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 1},
+                lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant:
+                compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
+                               mechanisms=mechanisms, assistant_dir=assistant, name=name))
+        paths[f"policy:{name}"] = out
+    return paths
+
+
+def _keys(workdir: Path, tenants: tuple[DemoTenant, ...]) -> dict[str, str]:
+    path = workdir / "keys.json"
+    keys = json.loads(path.read_text()) if path.is_file() else {}
+    for t in ("__admin__",) + tuple(t.name for t in tenants):
+        keys.setdefault(t, f"sk-{t.strip('_')}-{secrets.token_urlsafe(18)}")
+    path.write_text(json.dumps(keys, indent=2))
+    path.chmod(0o600)
+    return keys
+
+
+def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
+                tenants: tuple[DemoTenant, ...] = TENANTS, host: str = "127.0.0.1") -> tuple:
+    """The server config and the demo.json document for the built world."""
+    from unlearnd.serve.config import ServerConfig
+
+    keys = _keys(workdir, tenants)
+    data = paths["data"]
+    manifest = json.loads((data / "manifest.json").read_text())
+    groups = [int(g) for g in manifest["group_subjects"]]
+    union = {}
+    for kind in ("forget", "probes"):
+        out = workdir / f"{kind}_all.jsonl"
+        out.write_text("".join((data / f"{kind}_{g}.jsonl").read_text() for g in groups))
+        union[kind] = out
+    cfg = ServerConfig.model_validate({
+        "model": str(paths["base"]),
+        "served_model_name": "unlearnd-demo",
+        "state_dir": str(workdir / "state"),
+        "host": host, "port": port,
+        "admin_key": keys["__admin__"],
+        "engine": {"max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 16,
+                   "max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024 * 1024},
+        "tenants": [{"name": t.name, "api_key": keys[t.name],
+                     "adapter": str(paths[f"adapter:{t.adapter}"]) if t.adapter else None,
+                     "policy": str(paths[f"policy:{t.policy}"]) if t.policy else None}
+                    for t in tenants],
+    })
+    doc = {
+        "base_url": f"http://{host}:{port}/v1",
+        "admin_key": keys["__admin__"],
+        "model": "unlearnd-demo",
+        "tenants": {
+            t.name: {
+                "api_key": keys[t.name],
+                "mechanisms": list(t.mechanisms),
+                "forget": str(union["forget"] if t.group is None
+                              else data / f"forget_{t.group}.jsonl"),
+                "probes": str(union["probes"] if t.group is None
+                              else data / f"probes_{t.group}.jsonl"),
+                "retain": str(data / "retain.jsonl"),
+            } for t in tenants},
+    }
+    return cfg, doc
+
+
+def evaluate_demo(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
+                  concurrency: int = 8) -> dict[str, dict]:
+    """Run `unlearnd eval` for each demo tenant; writes reports, a table and a chart."""
+    from unlearnd.toolkit.evaluate import compare_markdown, evaluate, plot_reports
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for name, t in doc["tenants"].items():
+        if tenants and name not in tenants:
+            continue
+        sets = {"forget": (t["forget"], "forget"), "probes": (t["probes"], "probes"),
+                "retain": (t["retain"], "retain")}
+        report = evaluate(doc["base_url"], t["api_key"], sets, concurrency=concurrency,
+                          out=out_dir / f"{name}.json")
+        report["mechanisms"] = t["mechanisms"]
+        reports[f"{name} ({'+'.join(t['mechanisms']) or 'base'})"] = report
+    table = compare_markdown(reports)
+    (out_dir / "summary.md").write_text(table + "\n")
+    plot_reports(reports, out_dir / "summary.png")
+    return reports
+
+
+def demo_cmd(
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8000,
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the world is built.")] =
+    Path("work/demo"),
+    evaluate_: Annotated[bool, typer.Option(
+        "--eval", help="After start-up, evaluate every tenant (reports in WORKDIR/reports).")]
+    = False,
+    exit_after_eval: Annotated[bool, typer.Option(
+        "--exit-after-eval", help="Stop the server once --eval has finished.")] = False,
+) -> None:
+    """Build the demo world on first run (cached after), then serve it with its tenants."""
+    import uvicorn
+
+    from unlearnd.serve.app import build_app
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = build_world(workdir)
+    cfg, doc = demo_config(workdir, paths, port=port)
+    server = uvicorn.Server(uvicorn.Config(build_app(cfg), host=cfg.host, port=cfg.port,
+                                           log_level="warning", timeout_graceful_shutdown=10))
+
+    def announce() -> None:
+        while not server.started:
+            time.sleep(0.5)
+        (workdir / "demo.json").write_text(json.dumps(doc, indent=2))
+        typer.echo(f"\nunlearnd demo is serving at {doc['base_url']}\n"
+                   f"tenants and keys: {workdir / 'demo.json'}\n")
+        for name, t in doc["tenants"].items():
+            typer.echo(f"  {name:10s} mechanisms={t['mechanisms'] or ['none']}")
+        if evaluate_:
+            reports = evaluate_demo(doc, workdir / "reports")
+            typer.echo("\n" + (workdir / "reports" / "summary.md").read_text())
+            typer.echo(f"{len(reports)} reports in {workdir / 'reports'}")
+            if exit_after_eval:
+                server.should_exit = True
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()
