@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_policy import compile_world
+from tests.guards.test_policy import compile_world
 
 from unlearnd.guards.firewall import LeakFirewall, replay_suppressions
 from unlearnd.guards.policy import CompiledPolicy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_policy import compile_world
+from tests.guards.test_policy import compile_world
 
 from unlearnd.guards.policy import CompiledPolicy
 from unlearnd.guards.refusal import RefusalSteering, refusal_token_ids, render_refusal

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_policy import FIRST, FORGET_IDX, LAST, RETAIN_IDX, author_qa, compile_world
+from tests.guards.test_policy import FIRST, FORGET_IDX, LAST, RETAIN_IDX, author_qa, compile_world
 
 from unlearnd.guards.embeddings import HashingEmbedder, get_embedder
 from unlearnd.guards.policy import CompiledPolicy, compile_policy

@@ -130,23 +130,29 @@ async def _activate(st: Any, tenant: str, name: str, kind: str = "activate") -> 
     async with st.swap_lock:
         t = _registry_call(st.registry.get_tenant, tenant)
         if kind == "rollback":
+            previous = _registry_call(st.registry.active_version, tenant)
             version = _registry_call(st.registry.rollback, tenant, actor="admin")
             try:
-                _, elapsed = await st.router.install(t, version, kind="rollback")
-            except Exception as e:
+                built = await st.router.build(t, version)
+            except Exception as e:  # noqa: BLE001 - put the registry back in step
+                if previous is not None:
+                    _registry_call(st.registry.activate, tenant, previous.name, actor="admin")
+                else:
+                    _registry_call(st.registry.deactivate, tenant, actor="admin")
                 raise APIError(422, f"rolled-back version {version.name} cannot be served: "
-                               f"{e}") from e
+                               f"{e}; the previous version stays active",
+                               code="load_failed") from e
+            _, elapsed = await st.router.install(t, version, kind="rollback", built=built)
         else:
             version = _registry_call(st.registry.get_version, tenant, name)
             try:
-                await st.router.build(t, version)  # loads adapter + guards; fails -> 422
+                built = await st.router.build(t, version)  # adapter + guards; fails -> 422
             except Exception as e:  # noqa: BLE001
                 st.metrics.adapter_rejections.labels(tenant, "load_failed").inc()
                 raise APIError(422, f"version {name} cannot be served: {e}",
                                code="load_failed") from e
-            previous = _registry_call(st.registry.activate, tenant, name, actor="admin")
-            _, elapsed = await st.router.install(t, version, kind="activate")
-            del previous
+            _registry_call(st.registry.activate, tenant, name, actor="admin")
+            _, elapsed = await st.router.install(t, version, kind="activate", built=built)
         st.router.generation_seen = st.registry.generation()
     out = version_json(version, version.name)
     out["swap_seconds"] = elapsed

@@ -159,11 +159,14 @@ def build_app(config: ServerConfig,
         st: AppState | None = getattr(request.app.state, "unlearnd", None)
         if st is None or path in ("/health", "/metrics", "/docs", "/openapi.json"):
             return await call_next(request)
+        limit = st.config.limits.max_body_bytes
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > st.config.limits.max_body_bytes:
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            length = str(len(await request.body()))  # chunked: count what arrived
+        if length and length.isdigit() and int(length) > limit:
             return JSONResponse(error_body(
-                f"request body of {length} bytes exceeds the limit of "
-                f"{st.config.limits.max_body_bytes}"), status_code=413)
+                f"request body of {length} bytes exceeds the limit of {limit}"),
+                status_code=413)
         key = _bearer(request)
         if path.startswith("/admin"):
             if key is None:
@@ -206,8 +209,9 @@ def build_app(config: ServerConfig,
         try:
             result, sp = await fn(req, tenant, request.is_disconnected)
         except APIError as e:
-            outcome = "guard_error" if e.code == "guard_failed" else (
-                "client_error" if e.status < 500 else "engine_error")
+            outcome = ("guard_error" if e.code == "guard_failed" else "aborted"
+                       if e.status == 499 else "client_error" if e.status < 500
+                       else "engine_error")
             st.metrics.requests.labels(tenant.name, kind, outcome).inc()
             return JSONResponse(e.body(), status_code=e.status if e.status != 499 else 400)
         headers = {POLICY_HEADER: sp.version or "none"}

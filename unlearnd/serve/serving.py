@@ -108,11 +108,11 @@ class Serving:
             return list(req.prompt)
         return self.tokenizer.encode(req.prompt, add_special_tokens=False)
 
-    def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
         ctx = self.engine.max_model_len
         if prompt_len >= ctx:
             raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context "
-                           f"length is {ctx}", param="messages")
+                           f"length is {ctx}", param=param)
         room = ctx - prompt_len
         if requested is None:
             return min(room, self.max_tokens_limit)
@@ -144,7 +144,8 @@ class Serving:
                    is_disconnected: Callable[[], Any]) -> tuple[Any, ServingPolicy]:
         if req.n > self.max_n:
             raise APIError(400, f"n={req.n} exceeds the server limit {self.max_n}", param="n")
-        max_tokens = self._max_tokens(req.requested_max_tokens, len(prompt_ids))
+        max_tokens = self._max_tokens(req.requested_max_tokens, len(prompt_ids),
+                                      "messages" if endpoint == "chat" else "prompt")
         sp = self.router.acquire(tenant)
         released = False
 
@@ -201,19 +202,15 @@ class Serving:
                 final = out
                 if await is_disconnected():
                     await self.engine.abort(request_id)
-                    self._count(ctx, "aborted")
                     raise APIError(499, "client disconnected")
         except APIError:
             raise
         except ValueError as e:  # vLLM validation (e.g. VLLMValidationError) -> 400
-            self._count(ctx, "client_error")
             raise APIError(400, str(e)) from e
         except Exception as e:  # noqa: BLE001
             logger.exception("engine failed on %s", request_id)
-            self._count(ctx, "engine_error")
             raise APIError(500, f"the engine failed: {type(e).__name__}") from e
         if final is None:
-            self._count(ctx, "engine_error")
             raise APIError(500, "the engine returned no output")
         ctx.first_token_t = ctx.first_token_t or time.perf_counter()
         choices = []

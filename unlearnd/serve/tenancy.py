@@ -110,22 +110,31 @@ class TenantRouter:
                              version.policy_dir, guards, mechanisms)
 
     async def install(self, tenant: Tenant, version: PolicyVersion | None,
-                      kind: str = "activate") -> tuple[ServingPolicy, float]:
-        """Switch the in-memory pointer to `version` (already active in the registry)."""
+                      kind: str = "activate", built: ServingPolicy | None = None
+                      ) -> tuple[ServingPolicy, float]:
+        """Switch the in-memory pointer to `version` (already active in the registry).
+
+        `built`: the result of `build(tenant, version)` when the caller already has it.
+        """
         t0 = time.perf_counter()
         async with self._locks[tenant.name]:
-            new = await self.build(tenant, version)
+            new = built if built is not None else await self.build(tenant, version)
             old = self._active.get(tenant.name)
             self._active[tenant.name] = new
             elapsed = time.perf_counter() - t0
             self.metrics.swaps.labels(tenant.name, kind).inc()
             self.metrics.swap_duration.labels(tenant.name).observe(elapsed)
             self.metrics.set_active(tenant.name, new.version, old.version if old else None)
-        if old is not None and old.version != new.version and old.adapter is not self.identity:
-            task = asyncio.create_task(self._release_after_drain(old))
-            self._release_tasks.add(task)
-            task.add_done_callback(self._release_tasks.discard)
+        if old is not None and old.version != new.version:
+            self._schedule_release(old)
         return new, elapsed
+
+    def _schedule_release(self, old: ServingPolicy) -> None:
+        if old.adapter is self.identity:
+            return
+        task = asyncio.create_task(self._release_after_drain(old))
+        self._release_tasks.add(task)
+        task.add_done_callback(self._release_tasks.discard)
 
     async def _release_after_drain(self, old: ServingPolicy) -> None:
         lease = self._leases[(old.tenant, old.version)]
@@ -159,7 +168,7 @@ class TenantRouter:
         known = {t.name for t in self.registry.list_tenants()}
         for name in list(self._active):
             if name not in known:
-                del self._active[name]
+                self._schedule_release(self._active.pop(name))
         self.generation_seen = gen
 
     def active_versions(self) -> dict[str, str | None]:

@@ -1,0 +1,635 @@
+"""The FastAPI app over a FakeEngine: OpenAI routes, errors, auth, streaming, admin API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.serve.fakes import (
+    FakeEngine,
+    base_vocab_size,
+    fake_load_guards,
+    make_config,
+    make_policy_dir,
+    parse_sse,
+    running_app,
+    tiny_tokenizer,
+    tiny_world,
+    wait_until,
+)
+from unlearnd.serve.serving import POLICY_HEADER
+
+HELLO = [{"role": "user", "content": "Tell me about the fox."}]
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+
+
+@pytest.fixture(autouse=True)
+def _fake_guards(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", fake_load_guards)
+
+
+@pytest.fixture()
+def app(tmp_path: Path):
+    config = make_config(tmp_path / "state", limits={"max_messages": 4, "max_n": 3,
+                                                     "max_tokens": 64, "max_body_bytes": 4096})
+    with running_app(config) as running:
+        yield running
+
+
+def chat_prompt(messages: list[dict]) -> list[int]:
+    tok = tiny_tokenizer()
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok.encode(text, add_special_tokens=False)
+
+
+def register(app, tenant: str, *, activate: bool = True, **parts: Path) -> dict:
+    body = {k: str(v) for k, v in parts.items()} | {"activate": activate}
+    r = app.client.post(f"/admin/tenants/{tenant}/versions", json=body, headers=app.admin)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def expect(ok: bool, message: str) -> None:
+    """Fail with a plain message (no traceback): used by the xfail tests, because
+    formatting their tracebacks intermittently hits a CPython 3.11.7 ast.parse
+    SystemError ("AST constructor recursion depth mismatch") inside pytest."""
+    if not ok:
+        pytest.fail(message, pytrace=False)
+
+
+def assert_openai_error(r, status: int, *, param: str | None = "any", needle: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if param != "any":
+        assert err["param"] == param
+    assert needle in err["message"]
+    return err
+
+
+# ---------------------------------------------------------------- chat / completions
+
+
+def test_chat_json_serves_tenant_adapter_and_reports_policy(app, tmp_path: Path) -> None:
+    v = register(app, "acme", adapter=tiny_world()["a1"])
+    r = app.client.post(CHAT, json={"messages": HELLO, "model": "globex@deadbeef0000"},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200, r.text
+    assert r.headers[POLICY_HEADER] == v["name"]
+    call = app.engine.calls[-1]
+    assert call.adapter.name == v["name"]  # the tenant's version, whatever `model` says
+    assert call.cache_salt == app.state.registry.get_tenant("acme").cache_salt
+    assert call.prompt_ids == chat_prompt(HELLO)
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": app.engine.expected(
+        v["name"], call.prompt_ids)}
+    assert choice["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == len(call.prompt_ids)
+    assert body["usage"]["completion_tokens"] == app.engine.reply_tokens
+    info = body["unlearning"]
+    assert info["tenant"] == "acme" and info["policy_version"] == v["name"]
+    assert info["mechanisms"] == ["adapter"] and info["decision"] == "unguarded"
+    assert app.counter("acme", "chat", "ok") == 1
+
+
+def test_tenants_get_different_adapters_and_salts(app) -> None:
+    va = register(app, "acme", adapter=tiny_world()["a1"])
+    vg = register(app, "globex", adapter=tiny_world()["a2"])
+    texts = {}
+    for tenant, v in (("acme", va), ("globex", vg)):
+        r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth(tenant))
+        assert r.headers[POLICY_HEADER] == v["name"]
+        texts[tenant] = r.json()["choices"][0]["message"]["content"]
+    assert texts["acme"] != texts["globex"]
+    assert app.engine.calls[0].cache_salt != app.engine.calls[1].cache_salt
+
+
+def test_no_policy_uses_identity_adapter_and_header_none(app) -> None:
+    r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    assert r.status_code == 200
+    assert r.headers[POLICY_HEADER] == "none"
+    assert app.engine.calls[-1].adapter.name == "__identity__"
+    assert r.json()["unlearning"]["policy_version"] is None
+
+
+def test_request_fields_reach_sampling_params(app) -> None:
+    r = app.client.post(CHAT, json={
+        "messages": HELLO, "max_tokens": 50, "max_completion_tokens": 3, "n": 2, "seed": 7,
+        "stop": ["zz"], "temperature": 0.5, "presence_penalty": 1.0,
+        "logit_bias": {"11": 5}, "logprobs": True, "top_logprobs": 2},
+        headers=app.auth("acme"))
+    assert r.status_code == 200, r.text
+    p = app.engine.calls[-1].params
+    assert (p.max_tokens, p.n, p.seed, p.stop, p.logprobs) == (3, 2, 7, ["zz"], 2)
+    assert p.logit_bias == {11: 5.0}
+    assert p.temperature == pytest.approx(0.5) and p.presence_penalty == pytest.approx(1.0)
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert all(c["finish_reason"] == "length" for c in choices)  # 3 < reply_tokens
+    content = choices[0]["logprobs"]["content"]
+    assert len(content) == 3
+    assert all(len(c["top_logprobs"]) == 2 for c in content)
+    assert content[0]["logprob"] == pytest.approx(-0.25)
+
+
+def test_default_max_tokens_is_room_left_capped_by_limit(app) -> None:
+    app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    prompt_len = len(app.engine.calls[-1].prompt_ids)
+    expected = min(app.engine.max_model_len - prompt_len, app.config.limits.max_tokens)
+    assert app.engine.calls[-1].params.max_tokens == expected
+
+
+def test_completions_json_and_token_prompt(app) -> None:
+    r = app.client.post(COMP, json={"prompt": "The fox", "max_tokens": 4, "logprobs": 1},
+                        headers=app.auth("globex"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    call = app.engine.calls[-1]
+    assert call.prompt_ids == tiny_tokenizer().encode("The fox", add_special_tokens=False)
+    assert body["choices"][0]["text"] == app.engine.expected("__identity__", call.prompt_ids,
+                                                             max_tokens=4)
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == 4
+    r = app.client.post(COMP, json={"prompt": [5, 6, 7]}, headers=app.auth("globex"))
+    assert r.status_code == 200 and app.engine.calls[-1].prompt_ids == [5, 6, 7]
+    assert app.engine.calls[-1].params.max_tokens == 16
+    assert_openai_error(app.client.post(COMP, json={"prompt": [5, 99999]},
+                                        headers=app.auth("globex")),
+                        400, param="prompt", needle="99999")
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_chat_stream_chunks_final_unlearning_and_done(app) -> None:
+    v = register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "p1"))
+    r = app.client.post(CHAT, json={"messages": HELLO, "stream": True,
+                                    "stream_options": {"include_usage": True}},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers[POLICY_HEADER] == v["name"]
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    call = app.engine.calls[-1]
+    assert text == app.engine.expected("__identity__", call.prompt_ids)
+    assert call.params.output_kind.name == "DELTA"
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == "stop"
+    last = chunks[-1]
+    assert last["choices"] == []
+    assert last["unlearning"]["policy_version"] == v["name"]
+    assert last["unlearning"]["decision"] == "out_of_scope"
+    assert last["usage"]["completion_tokens"] == app.engine.reply_tokens
+    assert all(c["system_fingerprint"] == v["name"] for c in chunks)
+    assert app.counter("acme", "chat", "ok") == 1
+    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+
+
+def test_chat_stream_n2_with_logprobs(app) -> None:
+    r = app.client.post(CHAT, json={"messages": HELLO, "stream": True, "n": 2, "max_tokens": 3,
+                                    "logprobs": True, "top_logprobs": 1},
+                        headers=app.auth("acme"))
+    events = parse_sse(r.text)[:-1]
+    prompt = app.engine.calls[-1].prompt_ids
+    for i in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"] and
+                e["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        assert text == app.engine.expected("__identity__", prompt, index=i, max_tokens=3)
+        assert [c["finish_reason"] for c in mine][-1] == "length"
+        lps = [c["logprobs"]["content"][0] for c in mine[1:]]
+        assert len(lps) == 3 and all(len(lp["top_logprobs"]) == 1 for lp in lps)
+    assert events[-1]["unlearning"]["tenant"] == "acme"
+
+
+def test_completion_stream(app) -> None:
+    r = app.client.post(COMP, json={"prompt": "abc", "stream": True, "max_tokens": 2},
+                        headers=app.auth("acme"))
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    texts = [e["choices"][0]["text"] for e in events[:-1] if e["choices"]]
+    assert "".join(texts) == app.engine.expected("__identity__", app.engine.calls[-1].prompt_ids,
+                                                 max_tokens=2)
+    assert "unlearning" in events[-2] and "usage" not in events[-2]
+
+
+def test_engine_failure_mid_stream_is_in_band(app) -> None:
+    app.engine.fail_after = 2
+    r = app.client.post(CHAT, json={"messages": HELLO, "stream": True},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200  # headers were sent before the failure
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    err = events[-2]["error"]
+    assert err["type"] == "server_error" and "EngineFailure" in err["message"]
+    contents = [e for e in events[:-2] if e.get("choices") and
+                e["choices"][0]["delta"].get("content")]
+    assert len(contents) == 2
+    assert app.counter("acme", "chat", "engine_error") == 1
+    assert app.counter("acme", "chat", "ok") == 0
+    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+
+
+def test_engine_failure_non_stream_is_500(app) -> None:
+    app.engine.fail_after = 0
+    r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    err = assert_openai_error(r, 500, needle="EngineFailure")
+    assert err["type"] == "server_error"
+    assert app.counter("acme", "chat", "engine_error") >= 1
+    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+
+
+def test_engine_validation_error_non_stream_is_400(app) -> None:
+    app.engine.fail_exc = ValueError
+    app.engine.fail_after = 0
+    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO},
+                                        headers=app.auth("acme")), 400,
+                        needle="fake engine failure")
+
+
+@pytest.mark.parametrize("exc,outcome", [(RuntimeError, "engine_error"),
+                                         (ValueError, "client_error")])
+def test_non_stream_engine_errors_counted_once(app, exc: type, outcome: str) -> None:
+    app.engine.fail_exc = exc
+    app.engine.fail_after = 0
+    app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    count = app.counter("acme", "chat", outcome)
+    expect(count == 1, f"{outcome} counted {count} times for one request")
+
+
+# ---------------------------------------------------------------- guards
+
+
+def test_in_scope_request_reports_decision_and_sends_extra_args(app) -> None:
+    policy = make_policy_dir(app.config.state_dir.parent / "pg", trigger="Voldemort",
+                             suppressed=2)
+    v = register(app, "acme", policy=policy)
+    r = app.client.post(CHAT, json={"messages": [{"role": "user", "content":
+                                                  "Who is Voldemort?"}]},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200
+    info = r.json()["unlearning"]
+    assert info["decision"] == "in_scope" and info["matched_item"] == 0
+    assert info["subject"] == "Voldemort" and info["reason"] == "mentions Voldemort"
+    assert info["mechanisms"] == ["firewall", "refusal"]
+    assert info["suppressed_tokens"] == 2
+    extra = app.engine.calls[-1].params.extra_args
+    assert extra["unlearnd_in_scope"] == 1 and extra["unlearnd_version"] == v["name"]
+    assert extra["unlearnd_policy_dir"].startswith(str(app.config.state_dir.resolve()))
+    assert app.state.metrics.refusals.labels("acme")._value.get() == 1
+    r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    assert r.json()["unlearning"]["decision"] == "out_of_scope"
+    assert app.engine.calls[-1].params.extra_args["unlearnd_in_scope"] == 0
+
+
+def test_guard_failure_fails_closed(app) -> None:
+    register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pf",
+                                                 fail_check=True))
+    n_calls = len(app.engine.calls)
+    r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    err = assert_openai_error(r, 503)
+    assert err["code"] == "guard_failed"
+    assert len(app.engine.calls) == n_calls  # never reached the engine
+    assert app.counter("acme", "chat", "guard_error") == 1
+    assert app.state.metrics.guard_failures.labels("acme")._value.get() == 1
+    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+
+
+# ---------------------------------------------------------------- request errors
+
+
+def test_malformed_json(app) -> None:
+    r = app.client.post(CHAT, content=b'{"messages": [', headers={
+        **app.auth("acme"), "content-type": "application/json"})
+    assert_openai_error(r, 400, param=None, needle="not valid JSON")
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+    ({"messages": HELLO, "n": "two"}, "n"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": HELLO, "temperature": 3}, "temperature"),
+    ({}, "messages")])
+def test_wrong_types_name_the_param(app, body: dict, param: str) -> None:
+    err = assert_openai_error(app.client.post(CHAT, json=body, headers=app.auth("acme")), 400)
+    assert err["param"].startswith(param) and err["type"] == "invalid_request_error"
+
+
+def test_empty_messages_and_unknown_role(app) -> None:
+    assert_openai_error(app.client.post(CHAT, json={"messages": []}, headers=app.auth("acme")),
+                        400, param="messages", needle="at least one message")
+    err = assert_openai_error(app.client.post(CHAT, json={"messages": [
+        {"role": "wizard", "content": "x"}]}, headers=app.auth("acme")), 400)
+    assert err["param"] == "messages.0.role"
+
+
+def test_too_many_messages(app) -> None:
+    msgs = HELLO * 5
+    assert_openai_error(app.client.post(CHAT, json={"messages": msgs}, headers=app.auth("acme")),
+                        400, param="messages", needle="limit is 4")
+    assert app.counter("acme", "chat", "client_error") == 1
+
+
+def test_body_too_large_is_413(app) -> None:
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    r = app.client.post(CHAT, json=big, headers=app.auth("acme"))
+    assert_openai_error(r, 413, needle="4096")
+    assert not app.engine.calls
+
+
+def test_chunked_body_too_large_is_413(app) -> None:
+    payload = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+
+    def chunks():
+        for i in range(0, len(payload), 1000):
+            yield payload[i:i + 1000]
+
+    r = app.client.post(CHAT, content=chunks(), headers={
+        **app.auth("acme"), "content-type": "application/json"})
+    expect(r.status_code == 413, f"chunked oversized body got {r.status_code}: {r.text}")
+
+
+def test_n_over_limit(app) -> None:
+    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO, "n": 4},
+                                        headers=app.auth("acme")), 400, param="n",
+                        needle="limit 3")
+
+
+def test_logit_bias_out_of_vocab(app) -> None:
+    bad = app.engine.vocab_size + 5
+    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO,
+                                                    "logit_bias": {str(bad): 1}},
+                                        headers=app.auth("acme")), 400, needle=str(bad))
+
+
+def test_prompt_longer_than_context(app) -> None:
+    app.engine.max_model_len = 32
+    long = [{"role": "user", "content": "the quick brown fox " * 20}]
+    err = assert_openai_error(app.client.post(CHAT, json={"messages": long},
+                                              headers=app.auth("acme")), 400)
+    assert f"context length is {app.engine.max_model_len}" in err["message"]
+    assert str(len(chat_prompt(long))) in err["message"]
+    assert not app.engine.calls
+
+
+def test_max_tokens_over_limits(app) -> None:
+    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO, "max_tokens": 65},
+                                        headers=app.auth("acme")), 400, param="max_tokens",
+                        needle="server limit 64")
+    app.engine.max_model_len = len(chat_prompt(HELLO)) + 10
+    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO, "max_tokens": 11},
+                                        headers=app.auth("acme")), 400, param="max_tokens",
+                        needle="exceeds the context length")
+    r = app.client.post(CHAT, json={"messages": HELLO, "max_tokens": 10},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200
+
+
+# ---------------------------------------------------------------- auth
+
+
+def test_auth_rules(app) -> None:
+    c = app.client
+    err = assert_openai_error(c.post(CHAT, json={"messages": HELLO}), 401, needle="missing")
+    assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+    assert_openai_error(c.post(CHAT, json={"messages": HELLO},
+                               headers={"Authorization": "Bearer sk-nope-0123456789abcdef"}),
+                        401, needle="invalid API key")
+    assert_openai_error(c.get("/v1/models", headers={"Authorization": "Basic abc"}), 401)
+    assert_openai_error(c.get("/admin/tenants"), 401)
+    assert_openai_error(c.get("/admin/tenants", headers={"Authorization": "Bearer wrong"}), 401)
+    err = assert_openai_error(c.get("/admin/tenants", headers=app.auth("acme")), 403)
+    assert err["type"] == "permission_error"
+    # the admin key is not a tenant key
+    assert_openai_error(c.post(CHAT, json={"messages": HELLO}, headers=app.admin), 401)
+    assert c.get("/health").status_code == 200
+    assert c.get("/metrics").status_code == 200
+
+
+def test_models_shows_only_own_tenant(app) -> None:
+    v = register(app, "acme", adapter=tiny_world()["a1"])
+    data = app.client.get("/v1/models", headers=app.auth("globex")).json()["data"]
+    assert len(data) == 1
+    assert data[0]["unlearning"] == {"tenant": "globex", "policy_version": None}
+    data = app.client.get("/v1/models", headers=app.auth("acme")).json()["data"]
+    assert data[0]["unlearning"] == {"tenant": "acme", "policy_version": v["name"]}
+    assert data[0]["id"] == app.config.model_name
+
+
+def test_health_and_metrics(app) -> None:
+    app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    text = app.client.get("/metrics").text
+    assert 'unlearnd_requests_total{endpoint="chat",outcome="ok",tenant="acme"} 1.0' in text
+    assert 'tenant="globex"' in text  # label sets initialised up front
+    assert app.client.get("/health").json()["status"] == "ok"
+    app.engine.healthy = False
+    r = app.client.get("/health")
+    assert r.status_code == 503 and "engine" in r.json()["problems"][0]
+
+
+# ---------------------------------------------------------------- admin API
+
+
+def test_create_tenant_returns_key_once(app) -> None:
+    r = app.client.post("/admin/tenants", json={"name": "initech"}, headers=app.admin)
+    assert r.status_code == 201
+    key = r.json()["api_key"]
+    assert key.startswith("sk-initech-")
+    listing = app.client.get("/admin/tenants", headers=app.admin)
+    assert key not in listing.text
+    assert {t["name"] for t in listing.json()["data"]} == {"acme", "globex", "initech"}
+    r = app.client.post(CHAT, json={"messages": HELLO},
+                        headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and r.json()["unlearning"]["tenant"] == "initech"
+    err = assert_openai_error(app.client.post("/admin/tenants", json={"name": "initech"},
+                                              headers=app.admin), 409)
+    assert err["code"] == "tenant_exists"
+    assert_openai_error(app.client.post("/admin/tenants", json={"name": "Bad Name"},
+                                        headers=app.admin), 400, needle="Bad Name")
+    assert_openai_error(app.client.post("/admin/tenants", json={"name": "x", "extra": 1},
+                                        headers=app.admin), 400)
+
+
+def test_version_lifecycle(app, tmp_path: Path) -> None:
+    c, adm = app.client, app.admin
+    v1 = register(app, "acme", adapter=tiny_world()["a1"], activate=False)
+    assert v1["active"] is False and v1["name"].startswith("acme@")
+    assert app.client.post(CHAT, json={"messages": HELLO},
+                           headers=app.auth("acme")).headers[POLICY_HEADER] == "none"
+    r = c.post("/admin/tenants/acme/activate", json={"version": v1["name"]}, headers=adm)
+    assert r.status_code == 200 and r.json()["active"] is True
+    assert r.json()["swap_seconds"] >= 0
+    assert v1["name"] in app.engine.loaded
+    v2 = register(app, "acme", adapter=tiny_world()["a2"],
+                  policy=make_policy_dir(tmp_path / "p"))
+    assert v2["adapter"] and v2["policy"]
+
+    def header() -> str:
+        return c.post(CHAT, json={"messages": HELLO},
+                      headers=app.auth("acme")).headers[POLICY_HEADER]
+
+    assert header() == v2["name"]
+    assert wait_until(lambda: v1["name"] in app.engine.released)  # nothing in flight
+    versions = c.get("/admin/tenants/acme/versions", headers=adm).json()["data"]
+    assert [(v["name"], v["active"]) for v in versions] == [(v1["name"], False),
+                                                            (v2["name"], True)]
+    r = c.post("/admin/tenants/acme/rollback", headers=adm)
+    assert r.status_code == 200 and r.json()["name"] == v1["name"]
+    assert header() == v1["name"]
+    assert wait_until(lambda: v2["name"] in app.engine.released)
+    r = c.post("/admin/tenants/acme/deactivate", headers=adm)
+    assert r.json() == {"tenant": "acme", "active_version": None}
+    assert header() == "none"
+    assert app.engine.calls[-1].adapter.name == "__identity__"
+    r = c.delete(f"/admin/tenants/acme/versions/{v2['name']}", headers=adm)
+    assert r.status_code == 200
+    assert [v["name"] for v in c.get("/admin/tenants/acme/versions",
+                                     headers=adm).json()["data"]] == [v1["name"]]
+    actions = [e["action"] for e in c.get("/admin/audit?tenant=acme", headers=adm).json()["data"]]
+    for action in ("activate", "rollback", "deactivate", "delete_version"):
+        assert action in actions
+    assert_openai_error(c.get("/admin/audit?limit=0", headers=adm), 400, param="limit")
+
+
+def test_rollback_without_history_is_409(app) -> None:
+    err = assert_openai_error(app.client.post("/admin/tenants/acme/rollback",
+                                              headers=app.admin), 409)
+    assert err["code"] == "no_rollback_target"
+
+
+def test_delete_active_version_is_409(app) -> None:
+    v = register(app, "acme", adapter=tiny_world()["a1"])
+    err = assert_openai_error(app.client.delete(f"/admin/tenants/acme/versions/{v['name']}",
+                                                headers=app.admin), 409)
+    assert err["code"] == "version_active"
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("get", "/admin/tenants/nobody/versions", None),
+    ("post", "/admin/tenants/nobody/versions", {"policy": "/tmp"}),
+    ("post", "/admin/tenants/nobody/activate", {"version": "nobody@000000000000"}),
+    ("post", "/admin/tenants/nobody/rollback", None),
+    ("post", "/admin/tenants/nobody/deactivate", None),
+    ("delete", "/admin/tenants/nobody", None)])
+def test_unknown_tenant_is_404(app, method: str, path: str, body: dict | None) -> None:
+    kw = {"json": body} if body is not None else {}
+    err = assert_openai_error(getattr(app.client, method)(path, headers=app.admin, **kw), 404)
+    assert err["code"] == "tenant_not_found" and "nobody" in err["message"]
+
+
+def test_tenant_cannot_activate_other_tenants_version(app) -> None:
+    v = register(app, "acme", adapter=tiny_world()["a1"])
+    err = assert_openai_error(app.client.post("/admin/tenants/globex/activate",
+                                              json={"version": v["name"]}, headers=app.admin),
+                              404)
+    assert err["code"] == "version_not_found"
+    assert app.client.post(CHAT, json={"messages": HELLO},
+                           headers=app.auth("globex")).headers[POLICY_HEADER] == "none"
+
+
+def test_failed_activation_keeps_previous_version(app, tmp_path: Path) -> None:
+    v1 = register(app, "acme", adapter=tiny_world()["a1"])
+    bad = register(app, "acme", policy=make_policy_dir(tmp_path / "bad", fail_load=True),
+                   activate=False)
+    r = app.client.post("/admin/tenants/acme/activate", json={"version": bad["name"]},
+                        headers=app.admin)
+    err = assert_openai_error(r, 422, needle="told to fail")
+    assert err["code"] == "load_failed"
+    assert app.state.registry.active_version("acme").name == v1["name"]
+    assert app.client.post(CHAT, json={"messages": HELLO},
+                           headers=app.auth("acme")).headers[POLICY_HEADER] == v1["name"]
+    assert app.state.metrics.adapter_rejections.labels("acme", "load_failed")._value.get() == 1
+
+
+def test_engine_refusing_adapter_is_422(app) -> None:
+    v = register(app, "acme", adapter=tiny_world()["a1"], activate=False)
+    app.engine.fail_load.add(v["name"])
+    r = app.client.post("/admin/tenants/acme/activate", json={"version": v["name"]},
+                        headers=app.admin)
+    assert_openai_error(r, 422, needle=v["name"])
+    assert app.state.registry.active_version("acme") is None
+
+
+def test_failed_rollback_keeps_registry_and_serving_in_step(app, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    v1 = register(app, "acme", policy=make_policy_dir(tmp_path / "p1"))
+    v2 = register(app, "acme", policy=make_policy_dir(tmp_path / "p2", trigger="Dumbledore"))
+
+    v1_dir = app.state.registry.get_version("acme", v1["name"]).policy_dir
+
+    def refuse_v1(policy_dir: str):
+        if policy_dir == v1_dir:
+            raise ValueError("v1 cannot be loaded any more")
+        return fake_load_guards(policy_dir)
+
+    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", refuse_v1)
+    r = app.client.post("/admin/tenants/acme/rollback", headers=app.admin)
+    assert r.status_code == 422
+    served = app.client.post(CHAT, json={"messages": HELLO},
+                             headers=app.auth("acme")).headers[POLICY_HEADER]
+    assert served == v2["name"]
+    registry_says = app.state.registry.active_version("acme").name
+    expect(registry_says == served, f"registry says {registry_says}, server serves {served}")
+
+
+def test_delete_tenant_revokes_key(app) -> None:
+    register(app, "globex", adapter=tiny_world()["a2"])
+    r = app.client.delete("/admin/tenants/globex", headers=app.admin)
+    assert r.status_code == 200
+    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO},
+                                        headers=app.auth("globex")), 401)
+    assert "globex" not in app.state.router.active_versions()
+
+
+def test_delete_tenant_releases_its_adapter(app) -> None:
+    v = register(app, "globex", adapter=tiny_world()["a2"])
+    app.client.delete("/admin/tenants/globex", headers=app.admin)
+    expect(wait_until(lambda: v["name"] in app.engine.released, 1.0),
+           f"adapter {v['name']} of the deleted tenant was never released")
+
+
+def test_artifact_roots_restrict_admin_paths(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    config = make_config(tmp_path / "state", artifact_roots=[str(allowed)])
+    with running_app(config) as app:
+        r = app.client.post("/admin/tenants/acme/versions",
+                            json={"adapter": str(tiny_world()["a1"])}, headers=app.admin)
+        err = assert_openai_error(r, 403, param="adapter")
+        assert err["code"] == "path_not_allowed"
+        ok = make_policy_dir(allowed / "p")
+        r = app.client.post("/admin/tenants/acme/versions", json={"policy": str(ok)},
+                            headers=app.admin)
+        assert r.status_code == 201
+
+
+def test_bad_artifact_is_rejected_and_counted(app, tmp_path: Path) -> None:
+    bad = tmp_path / "bad-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    r = app.client.post("/admin/tenants/acme/versions", json={"adapter": str(bad)},
+                        headers=app.admin)
+    err = assert_openai_error(r, r.status_code)
+    assert 400 <= r.status_code < 500 and err["code"]
+    assert app.state.metrics.adapter_rejections.labels("acme", err["code"])._value.get() == 1
+
+
+def test_admin_key_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNLEARND_TEST_ADMIN", "env-admin-key-0123456789")
+    config = make_config(tmp_path / "state", admin_key=None, admin_key_env="UNLEARND_TEST_ADMIN")
+    with running_app(config, FakeEngine(vocab_size=base_vocab_size())) as app:
+        assert app.client.get("/admin/tenants", headers=app.admin).status_code == 401
+        r = app.client.get("/admin/tenants",
+                           headers={"Authorization": "Bearer env-admin-key-0123456789"})
+        assert r.status_code == 200
+    assert app.engine.shut_down  # the lifespan shut the engine down on exit
