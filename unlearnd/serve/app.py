@@ -57,10 +57,11 @@ def _bearer(request: Request) -> str | None:
 def open_registry(config: ServerConfig) -> Registry:
     """SQLite in state_dir by default; PostgreSQL when `database_url` is set."""
     base = BaseModelSpec.from_model_dir(config.model)
-    if config.database_url:
+    url = config.resolve_database_url()
+    if url:
         from unlearnd.serve.registry_pg import PostgresRegistry
 
-        return PostgresRegistry(config.database_url, config.state_dir, base=base,
+        return PostgresRegistry(url, config.state_dir, base=base,
                                 max_lora_rank=config.engine.max_lora_rank)
     return SQLiteRegistry(config.state_dir, base=base, max_lora_rank=config.engine.max_lora_rank)
 
@@ -81,7 +82,11 @@ def apply_config_tenants(config: ServerConfig, registry: Registry) -> None:
         except RegistryError as e:
             if e.status != 404:
                 raise
-            registry.create_tenant(t.name, key, actor="config")
+            try:
+                registry.create_tenant(t.name, key, actor="config")
+            except RegistryError as race:  # another replica created it first
+                if race.status != 409:
+                    raise
         if t.adapter is None and t.policy is None:
             continue
         known = {v.name for v in registry.list_versions(t.name)}

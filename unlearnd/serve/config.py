@@ -100,6 +100,8 @@ class ServerConfig(BaseModel):
     database_url: str | None = Field(None, description="postgresql://... to share the "
                                      "registry between replicas (the store under state_dir "
                                      "must then be a shared volume); None: SQLite in state_dir.")
+    database_url_env: str | None = Field("UNLEARND_DATABASE_URL", description="Environment "
+                                         "variable read when database_url is not set.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_key: str | None = None
@@ -128,6 +130,13 @@ class ServerConfig(BaseModel):
         if dup:
             raise ValueError(f"duplicate tenant names: {sorted(dup)}")
         return self
+
+    def resolve_database_url(self) -> str | None:
+        if self.database_url:
+            return self.database_url
+        if self.database_url_env:
+            return os.environ.get(self.database_url_env) or None
+        return None
 
     def resolve_admin_key(self) -> str | None:
         if self.admin_key:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +66,14 @@ def make_identity_adapter(base_dir: Path, out_dir: Path) -> Path:
 
     cfg = json.loads((Path(base_dir) / "config.json").read_text())
     marker = out_dir / "adapter_config.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("base_model_name_or_path") == str(
-            base_dir):
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if json.loads(marker.read_text()).get("base_model_name_or_path") == str(base_dir):
+            return out_dir
+    except (OSError, ValueError):
+        pass
+    final = out_dir
+    out_dir = Path(tempfile.mkdtemp(prefix=".identity-", dir=final.parent))
+    marker = out_dir / "adapter_config.json"
     hidden = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -81,7 +87,14 @@ def make_identity_adapter(base_dir: Path, out_dir: Path) -> Path:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1,
         "target_modules": ["q_proj"], "lora_dropout": 0.0, "bias": "none",
         "base_model_name_or_path": str(base_dir)}, indent=2))
-    return out_dir
+    # Replicas may share state_dir: build aside, then swap in with one rename.
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(out_dir, final)
+    except OSError:  # another replica won the race; its copy is identical
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return final
 
 
 class VllmEngine:

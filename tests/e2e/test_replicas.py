@@ -1,0 +1,200 @@
+"""Two replicas on one PostgreSQL registry and one shared store: a swap through one
+reaches the other within the polling bound, no request fails, a restart keeps it.
+
+Greedy outputs of the random tiny model fingerprint the weights that served a request
+(see test_serving.py), so "B serves v2" is checked on the text, not only on the header.
+Needs PostgreSQL (scripts/ci_services.sh); skips without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.server import ADMIN_KEY, KEYS, ServerProcess, free_port
+from tests.serve.test_registry_pg import fresh_database, require_postgres
+
+pytestmark = pytest.mark.e2e
+
+POLL_S = 0.5
+# What the bound allows on top of the poll interval: B reads the registry and loads the
+# adapter into its engine (between engine steps, on a loaded 2-core box) before routing.
+LOAD_SLACK_S = 10.0
+PROMPTS = ["Tell me about the author.", "Who wrote the book?", "What is the capital?"]
+TENANT = "swap"
+
+
+def replica_config(world: dict[str, Path], state_dir: Path, database_url: str) -> dict:
+    return {
+        "model": str(world["base"]),
+        "state_dir": str(state_dir),  # the shared store volume
+        "database_url": database_url,
+        "admin_key": ADMIN_KEY,
+        "port": free_port(),
+        "registry_poll_s": POLL_S,
+        "drain_timeout_s": 30,
+        "engine": {"max_loras": 2, "max_lora_rank": 16, "max_cpu_loras": 4,
+                   "max_model_len": 512, "max_num_seqs": 8,
+                   "kv_cache_memory_bytes": 128 * 1024 * 1024},
+        "tenants": [{"name": TENANT, "api_key": KEYS[TENANT], "adapter": str(world["a1"])}],
+    }
+
+
+async def ask(client: httpx.AsyncClient, prompt: str) -> tuple[str, str]:
+    """(version header, greedy text) of one chat completion; raises on any non-200."""
+    r = await client.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 12, "temperature": 0})
+    r.raise_for_status()
+    return r.headers["x-unlearnd-policy-version"], r.json()["choices"][0]["message"]["content"]
+
+
+def active_version(metrics: httpx.Response) -> str | None:
+    """The tenant's version in `unlearnd_active_policy_info` (value 1), from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics.raise_for_status()
+    for family in text_string_to_metric_families(metrics.text):
+        if family.name == "unlearnd_active_policy_info":
+            for sample in family.samples:
+                if sample.labels.get("tenant") == TENANT and sample.value == 1:
+                    return sample.labels.get("version")
+    return None
+
+
+def client_for(server: ServerProcess) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=server.base_url, timeout=120,
+                             headers={"Authorization": f"Bearer {KEYS[TENANT]}"})
+
+
+async def answers(server: ServerProcess) -> dict[str, tuple[str, str]]:
+    async with client_for(server) as c:
+        return {p: await ask(c, p) for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Replica A declares the tenant in its config; replica B declares nothing and learns
+    everything from the shared registry. Both start at once on a fresh database."""
+    from unlearnd.serve.engine import make_identity_adapter
+
+    admin_url = require_postgres()
+    root = tmp_path_factory.mktemp("replicas")
+    state_dir = root / "shared-state"
+    # Written once up front, so the two replicas starting together only read it.
+    make_identity_adapter(tiny_world["base"], state_dir / "identity-adapter")
+    with fresh_database(admin_url) as url:
+        cfg = replica_config(tiny_world, state_dir, url)
+        a = ServerProcess(cfg, root, name="replica-a")
+        b = ServerProcess(dict(cfg, port=free_port(), tenants=[]), root, name="replica-b")
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                for started in [pool.submit(a.start), pool.submit(b.start)]:
+                    started.result()
+            wait_for_version(b, lambda v: v is not None, timeout=30)
+            yield a, b
+        finally:
+            b.stop()
+            a.stop()
+
+
+def wait_for_version(server: ServerProcess, ok, timeout: float) -> str | None:
+    """Poll the tenant's active version on `server`'s /metrics until ok(version)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        version = active_version(httpx.get(server.base_url + "/metrics", timeout=10))
+        if ok(version) or time.monotonic() > deadline:
+            assert ok(version), f"{server.name}: active version {version!r}"
+            return version
+        time.sleep(0.1)
+
+
+def test_swap_through_one_replica_reaches_the_other(replicas, tiny_world, capsys):
+    a, b = replicas
+    before_a, before_b = asyncio.run(answers(a)), asyncio.run(answers(b))
+    assert before_a == before_b  # same registry, same version, same weights
+    v1 = {version for version, _ in before_b.values()}.pop()
+    assert v1.startswith(f"{TENANT}@")
+    admin = a.admin()
+    r = admin.post(f"/admin/tenants/{TENANT}/versions", json={"adapter": str(tiny_world["a2"])})
+    assert r.status_code == 201, r.text
+    v2 = r.json()["name"]
+    assert v2 != v1
+
+    async def load_and_swap():
+        stop = asyncio.Event()
+        # (replica, t_sent, t_done, prompt, version, text) of every request under load
+        results: list[tuple[str, float, float, str, str, str]] = []
+        errors: list[BaseException] = []
+
+        async def worker(server: ServerProcess, label: str, i: int) -> None:
+            async with client_for(server) as c:
+                k = 0
+                while not stop.is_set():
+                    prompt = PROMPTS[(i + k) % len(PROMPTS)]
+                    t_sent = time.monotonic()
+                    try:
+                        version, text = await ask(c, prompt)
+                    except Exception as exc:  # noqa: BLE001 - every failure is reported
+                        errors.append(exc)
+                    else:
+                        results.append((label, t_sent, time.monotonic(), prompt, version, text))
+                    k += 1
+
+        workers = [asyncio.create_task(worker(s, label, i))
+                   for i in range(2) for s, label in ((a, "a"), (b, "b"))]
+        await asyncio.sleep(1.5)
+        async with httpx.AsyncClient(base_url=a.base_url, timeout=120,
+                                     headers=admin.headers) as ac:
+            resp = await ac.post(f"/admin/tenants/{TENANT}/activate", json={"version": v2})
+        t_activated = time.monotonic()  # A has committed the new pointer by now
+        # B's routing pointer, as its /metrics exports it (set once the adapter is loaded).
+        t_switched = None
+        async with httpx.AsyncClient(base_url=b.base_url, timeout=30) as mc:
+            while time.monotonic() < t_activated + 60:
+                if active_version(await mc.get("/metrics")) == v2:
+                    t_switched = time.monotonic()
+                    break
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)  # keep the load on after B switched
+        stop.set()
+        await asyncio.gather(*workers)
+        return resp, t_activated, t_switched, results, errors
+
+    resp, t_activated, t_switched, results, errors = asyncio.run(load_and_swap())
+    assert resp.status_code == 200, resp.text
+    assert not errors, errors[:3]
+    assert t_switched is not None, "replica B never switched to the new version"
+    lag = t_switched - t_activated
+    b_results = [r for r in results if r[0] == "b"]
+    first_served = min((r[2] for r in b_results if r[4] == v2), default=float("nan"))
+    with capsys.disabled():
+        print(f"\nreplica B routes to {v2} {lag:.2f} s after A's activate returned "
+              f"(poll {POLL_S} s); its first response on it completed "
+              f"{first_served - t_activated:.2f} s after; {len(results)} requests on both "
+              f"replicas meanwhile, {len(errors)} failed")
+    assert lag < POLL_S + LOAD_SLACK_S
+    # Requests B admitted after its pointer moved were all served with the new version.
+    assert all(r[4] == v2 for r in b_results if r[1] > t_switched)
+
+    after = asyncio.run(answers(b))
+    assert asyncio.run(answers(a)) == after
+    assert {version for version, _ in after.values()} == {v2}
+    texts = {v1: {p: t for p, (_, t) in before_b.items()},
+             v2: {p: t for p, (_, t) in after.items()}}
+    assert texts[v1] != texts[v2]
+    # Every response was served wholly by the version it names: B loaded v2 before routing.
+    for label, _, _, prompt, version, text in results:
+        assert version in (v1, v2), version
+        assert text == texts[version][prompt], (label, version, prompt)
+    assert {r[4] for r in b_results} == {v1, v2}  # B served on both sides of the swap
+
+    # A replica restarted afterwards comes up on the new version: A's config file still
+    # declares the old adapter, which the registry knows, so the registry's pointer wins.
+    a.restart()
+    assert asyncio.run(answers(a)) == after
