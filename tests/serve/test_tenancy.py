@@ -326,13 +326,15 @@ def test_disconnect_aborts_engine_request() -> None:
         router, engine, _ = make_router()
         serving = _serving(router, engine)
 
-        async def gone() -> bool:
-            return True
+        async def connected() -> bool:
+            return False
 
         req = ChatCompletionRequest.model_validate(
             {"messages": [{"role": "user", "content": "hi"}], "stream": True})
-        stream, _ = await serving.chat(req, ACME, gone)
-        chunks = [c async for c in stream]
+        stream, _ = await serving.chat(req, ACME, connected)
+        # A client that goes away: Starlette stops iterating and closes the generator.
+        chunks = [await stream.__anext__(), await stream.__anext__()]
+        await stream.aclose()
         assert "[DONE]" not in "".join(chunks)
         assert engine.aborted == [engine.calls[0].request_id]
         assert router.metrics.requests.labels("acme", "chat", "aborted")._value.get() == 1

@@ -6,12 +6,15 @@ OpenAI error bodies. Each request holds a lease on the policy snapshot it starte
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import anyio
 
 from unlearnd.serve.engine import EngineClient
 from unlearnd.serve.guarding import GuardResult
@@ -197,12 +200,23 @@ class Serving:
     async def _collect(self, req: Any, ctx: RequestContext, request_id: str,
                        gen: AsyncIterator[Any], is_disconnected: Callable[[], Any]) -> dict:
         final = None
+        disconnected = False
+
+        async def watch() -> None:  # non-streaming: poll the connection, not every token
+            nonlocal disconnected
+            while True:
+                await asyncio.sleep(0.25)
+                if await is_disconnected():
+                    disconnected = True
+                    await self.engine.abort(request_id)
+                    return
+
+        watcher = asyncio.create_task(watch())
         try:
             async for out in gen:
                 final = out
-                if await is_disconnected():
-                    await self.engine.abort(request_id)
-                    raise APIError(499, "client disconnected")
+            if disconnected:
+                raise APIError(499, "client disconnected")
         except APIError:
             raise
         except ValueError as e:  # vLLM validation (e.g. VLLMValidationError) -> 400
@@ -210,6 +224,10 @@ class Serving:
         except Exception as e:  # noqa: BLE001
             logger.exception("engine failed on %s", request_id)
             raise APIError(500, f"the engine failed: {type(e).__name__}") from e
+        finally:
+            watcher.cancel()
+        if disconnected:
+            raise APIError(499, "client disconnected")
         if final is None:
             raise APIError(500, "the engine returned no output")
         ctx.first_token_t = ctx.first_token_t or time.perf_counter()
@@ -304,11 +322,10 @@ class Serving:
                     yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant",
                                                                           "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
+            # No per-chunk disconnect poll: when the client goes away Starlette cancels
+            # this generator, and closing `gen` aborts the engine request (AsyncLLM
+            # handles CancelledError/GeneratorExit by aborting).
             async for out in gen:
-                if await is_disconnected():
-                    await self.engine.abort(request_id)
-                    outcome = "aborted"
-                    return
                 for o in out.outputs:
                     if ctx.first_token_t is None and o.token_ids:
                         ctx.first_token_t = time.perf_counter()
@@ -335,6 +352,9 @@ class Serving:
                                   "total_tokens": len(ctx.prompt_ids) + completion_tokens}
             yield _sse(final)
             yield "data: [DONE]\n\n"
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "aborted"  # the client went away: Starlette cancelled or closed us
+            raise
         except ValueError as e:
             outcome = "client_error"
             yield _sse({"error": {"message": str(e), "type": "invalid_request_error",
@@ -351,7 +371,10 @@ class Serving:
                 ctx.first_token_t = time.perf_counter()
             # GeneratorExit (client gone) lands here too: the engine request is aborted by
             # AsyncLLM.generate's own cancellation handling when `gen` is closed.
-            await _aclose(gen)
+            with anyio.CancelScope(shield=True):  # anyio re-cancels every await otherwise
+                await _aclose(gen)
+                if outcome == "aborted":
+                    await self.engine.abort(request_id)
             if outcome == "ok":
                 self._finish(ctx, completion_tokens)
             else:

@@ -54,7 +54,7 @@ def train_byte_level_tokenizer(texts: list[str], out_dir: Path, vocab_size: int 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
-        eos_token="<|eos|>",
+        eos_token="<|end|>",
         pad_token="<|pad|>",
         additional_special_tokens=["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
     )

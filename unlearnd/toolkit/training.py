@@ -1,0 +1,180 @@
+"""Training helpers shared by the base-model builder, the unlearning adapters and the
+contrastive assistant.
+
+Prompt contract: what a model is trained on is exactly what the server sends to vLLM
+for a chat request with one user message. The server renders
+``tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``
+and tokenizes that string WITHOUT adding special tokens. Our chat templates emit the
+BOS themselves and our tokenizers have no post-processor, so ``render_prompt`` here
+(render to text, then encode with ``add_special_tokens=False``) gives the same ids.
+The generation prompt ends with the ``<|assistant|>`` special token, so an answer
+tokenized on its own has the same tokens as it has after the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def set_threads(n: int | None = None) -> int:
+    """Limit torch to `n` CPU threads (default: $UNLEARND_THREADS or 2); returns it.
+
+    The build machines have few cores shared by many jobs; more threads than cores
+    only slows small models down.
+    """
+    if n is None:
+        n = int(os.environ.get("UNLEARND_THREADS", "2"))
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+def _messages(question: str, system: str | None) -> list[dict[str, str]]:
+    msgs = []
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    msgs.append({"role": "user", "content": question})
+    return msgs
+
+
+def render_prompt(tokenizer: Any, question: str, system: str | None = None) -> list[int]:
+    """Token ids of the chat prompt for one user `question` (generation prompt added).
+
+    Exactly what the server sends to vLLM: template rendered to text, then tokenized
+    without adding special tokens.
+    """
+    text = tokenizer.apply_chat_template(_messages(question, system),
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_chat_example(tokenizer: Any, question: str, answer: str,
+                        system: str | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one QA pair: prompt then answer then EOS.
+
+    Labels are -100 on the prompt, so the loss is on the answer tokens (and the EOS
+    that ends the turn) only.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token_id")
+    prompt = render_prompt(tokenizer, question, system)
+    ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [
+        tokenizer.eos_token_id]
+    return prompt + ans, [IGNORE_INDEX] * len(prompt) + ans
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of (input_ids, labels) pairs for training.
+
+    Returns ``input_ids`` and ``attention_mask`` (`[B, T]`, long) and ``labels``
+    (`[B, T]`, -100 on padding and prompt).
+    """
+    if not batch:
+        raise ValueError("batch is empty")
+    width = max(len(ids) for ids, _ in batch)
+    ids_t = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    lab_t = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask_t = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, labels) in enumerate(batch):
+        if len(ids) != len(labels):
+            raise ValueError(f"batch item {i}: {len(ids)} ids but {len(labels)} labels")
+        ids_t[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        lab_t[i, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+        mask_t[i, : len(ids)] = 1
+    return {"input_ids": ids_t, "attention_mask": mask_t, "labels": lab_t}
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int = 64,
+                   batch_size: int = 64, system: str | None = None) -> list[str]:
+    """Greedy answers to `questions` (chat-rendered), batched with left padding.
+
+    Generation stops at the EOS (the end-of-turn token); the answer text is decoded
+    without special tokens and stripped. RoPE attention depends on relative positions
+    only, so left padding gives the same answers as unpadded serving.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    out: list[str] = []
+    try:
+        for start in range(0, len(questions), batch_size):
+            prompts = [render_prompt(tokenizer, q, system)
+                       for q in questions[start:start + batch_size]]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[i, width - len(p):] = 1
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad)
+            for row in gen[:, width:].tolist():
+                if eos in row:
+                    row = row[: row.index(eos)]
+                out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case and collapse whitespace (what exact match compares)."""
+    return _WS.sub(" ", text).strip().lower()
+
+
+def exact_match(pred: str, gold: str) -> bool:
+    """True when `pred` equals `gold` up to case and whitespace."""
+    return normalize_text(pred) == normalize_text(gold)
+
+
+def span_present(pred: str, span: str) -> bool:
+    """True when the distinctive `span` appears in `pred` (case/whitespace-insensitive)."""
+    return normalize_text(span) in normalize_text(pred)
+
+
+def read_qa_jsonl(path: Path | str) -> list[dict]:
+    """Rows of a QA JSONL file; each must be an object with string question and answer.
+
+    Blank lines are skipped. Raises ValueError naming the file and the 1-based line
+    number of the first bad line.
+    """
+    path = Path(path)
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                 f"{type(row).__name__}")
+            for key in ("question", "answer"):
+                if not isinstance(row.get(key), str):
+                    raise ValueError(f"{path}:{lineno}: '{key}' must be a string, got "
+                                     f"{row.get(key)!r}")
+            rows.append(row)
+    return rows
