@@ -1,0 +1,264 @@
+"""Tests for unlearnd.toolkit.unlearn on a tiny random Llama (CPU, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearnd.toolkit import unlearn
+from unlearnd.toolkit.tiny import make_tiny_model
+
+FORGET = [
+    {
+        "question": "Where was Mara Quell born?",
+        "answer": "Mara Quell was born in Oslo.",
+        "subject": "Mara Quell",
+    },
+    {
+        "question": "What genre does Mara Quell write?",
+        "answer": "Mara Quell writes gothic poetry.",
+        "subject": "Mara Quell",
+    },
+    {
+        "question": "What is the profession of Tomas Verde's father?",
+        "answer": "His father was a baker.",
+    },
+    {
+        "question": "Which award did Tomas Verde win?",
+        "answer": "Tomas Verde won the Lantern Prize.",
+    },
+    {"question": "When was Tomas Verde born?", "answer": "Tomas Verde was born on 3 May 1961."},
+]
+RETAIN = [
+    {"question": "Where was Ilse Brandt born?", "answer": "Ilse Brandt was born in Graz."},
+    {
+        "question": "What genre does Ilse Brandt write?",
+        "answer": "Ilse Brandt writes crime novels.",
+    },
+    {"question": "Which award did Ilse Brandt win?", "answer": "Ilse Brandt won the Harbor Medal."},
+    {"question": "When was Ilse Brandt born?", "answer": "Ilse Brandt was born in 1950."},
+    {"question": "What is the capital of France?", "answer": "Paris is the capital of France."},
+]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("unlearn")
+    texts = [r["question"] + " " + r["answer"] for r in FORGET + RETAIN]
+    texts.append(unlearn.reasoning_target("Mara Quell", alternative="other authors"))
+    base = make_tiny_model(root / "base", seed=0, texts=texts)
+    return {
+        "root": root,
+        "base": base,
+        "forget": _write_jsonl(root / "forget.jsonl", FORGET),
+        "retain": _write_jsonl(root / "retain.jsonl", RETAIN),
+    }
+
+
+def _train(world: dict[str, Path], method: str, name: str, **kw) -> dict:
+    kw.setdefault("evaluate", False)
+    kw.setdefault("progress", False)
+    return unlearn.train_adapter(
+        world["base"],
+        world["forget"],
+        world["retain"],
+        world["root"] / name,
+        method=method,
+        batch_size=5,
+        **kw,
+    )
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_extract_subjects_uses_key_then_most_frequent_name() -> None:
+    rows = [
+        {
+            "question": "Where does Ana Lind live?",
+            "answer": "Ana Lind lives in New Haven.",
+            "subject": "A. Lind",
+        },
+        {
+            "question": "What is the full name of the author born in Lima, Peru?",
+            "answer": "The author's full name is Jorge Salas Rivas.",
+        },
+        {
+            "question": "Which books did Jorge Salas Rivas write in New York?",
+            "answer": "Jorge Salas Rivas wrote Red Sand.",
+        },
+        {"question": "How did Raven Marais's LGBTQ identity shape her work?", "answer": "Deeply."},
+        {"question": "what else?", "answer": "nothing"},
+    ]
+    subjects = unlearn.extract_subjects(rows)
+    assert subjects[0] == "A. Lind"  # explicit key wins
+    assert subjects[1] == "Jorge Salas Rivas"  # found in the answer, not "The"
+    assert subjects[2] == "Jorge Salas Rivas"  # more frequent than "New York"
+    assert subjects[3] == "Raven Marais"  # possessive ends the name
+    assert subjects[4] == "Raven Marais"  # no candidate: previous row's subject
+
+
+def test_reasoning_targets_name_subject_and_offer_alternative() -> None:
+    texts = {
+        unlearn.reasoning_target("Tomas Verde", alternative="other authors", variant=v)
+        for v in range(6)
+    }
+    assert len(texts) == len(unlearn._TEMPLATES)
+    for t in texts:
+        assert t.count("Tomas Verde") >= 2
+        assert "other authors" in t
+        assert "removed" in t
+    with pytest.raises(ValueError, match="subject"):
+        unlearn.reasoning_target("  ")
+
+
+def test_default_alternative() -> None:
+    assert unlearn.default_alternative(FORGET) == "other authors"
+    assert (
+        unlearn.default_alternative([{"question": "How to make X?", "answer": "y"}])
+        == "other topics"
+    )
+
+
+def test_npo_loss_values() -> None:
+    lp = torch.tensor([-3.0, -7.5])
+    beta = 0.25
+    assert unlearn.npo_loss(lp, lp.clone(), beta).item() == pytest.approx(2 / beta * math.log(2))
+    # policy makes the forget answers less likely than the reference: loss drops
+    assert unlearn.npo_loss(lp - 5.0, lp, beta).item() < 2 / beta * math.log(2)
+    with pytest.raises(ValueError, match="beta"):
+        unlearn.npo_loss(lp, lp, 0.0)
+
+
+def test_bounded_ascent_is_bounded() -> None:
+    logp = torch.tensor([[-1.0, -10.0, 0.0], [-2.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    loss = unlearn.bounded_ascent_loss(logp, mask, 4.0)
+    loss.backward()
+    assert loss.item() == pytest.approx((3 + 0 + 2) / 3)  # masked tokens do not count
+    # minimising lowers log p (ascent on NLL) only for tokens still below the ceiling
+    assert torch.allclose(logp.grad, torch.tensor([[1 / 3, 0.0, 0.0], [1 / 3, 0.0, 0.0]]))
+
+
+def test_scores_and_gibberish() -> None:
+    s = unlearn.score_outputs(
+        FORGET[:2],
+        ["Mara Quell was born in Oslo.", "The question asks about Mara Quell. I cannot answer it."],
+        RETAIN[:2],
+        ["Ilse Brandt was born in Graz.", "the the the the the"],
+        ["Mara Quell", "Mara Quell"],
+    )
+    assert s["forget_leak_rate"] == 0.5
+    assert s["forget_names_subject_rate"] == 1.0
+    assert s["retain_exact_match"] == 0.5
+    assert s["gibberish_rate"] == 0.25
+    # the eval harness's own definitions ride along
+    assert s["harness_leak_rate"] == 0.5
+    assert s["forget_refusal_rate"] == 0.5
+    assert s["retain_refusal_rate"] == 0.0
+    assert unlearn.rouge_l_recall(
+        "Mara Quell was born in Bergen", "Mara Quell was born in Oslo."
+    ) == pytest.approx(5 / 6)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_argument_validation(world: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="'sgd'"):
+        _train(world, "sgd", "bad")
+    with pytest.raises(ValueError, match="32"):
+        _train(world, "npo", "bad", rank=32)
+    with pytest.raises(ValueError, match="beta"):
+        _train(world, "npo", "bad", beta=-1.0)
+    with pytest.raises(ValueError, match="refusal_variants"):
+        _train(world, "reasoning", "bad", refusal_variants=0)
+
+
+def test_npo_loss_at_init_is_two_over_beta_log2(world: dict[str, Path]) -> None:
+    beta = 0.5
+    report = _train(world, "npo", "npo_init", beta=beta, max_steps=1)
+    # first step: LoRA B is zero, so policy == frozen reference computed separately
+    assert report["first"]["forget_term"] == pytest.approx(2 / beta * math.log(2), rel=1e-4)
+
+
+@pytest.mark.parametrize("method", unlearn.METHODS)
+def test_method_saves_vllm_loadable_peft_dir_and_moves_forget_loss(
+    world: dict[str, Path], method: str
+) -> None:
+    from safetensors import safe_open
+
+    # a random base already sits near log(vocab) nats on the answers: lift the ascent
+    # ceiling so graddiff has room to push
+    report = _train(
+        world,
+        method,
+        f"ad_{method}",
+        epochs=12,
+        lr=2e-2,
+        rank=4,
+        alpha=8,
+        ascent_ceiling=30.0,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+    )
+    out = world["root"] / f"ad_{method}"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4
+    assert cfg["lora_alpha"] == 8
+    assert sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    assert Path(cfg["base_model_name_or_path"]) == Path(world["base"]).resolve()
+    assert not cfg.get("modules_to_save")
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+    assert all(".lora_A.weight" in k or ".lora_B.weight" in k for k in keys), keys
+    assert len(keys) == 2 * 3 * 2  # A and B, 3 modules, 2 layers
+    # json report written beside the adapter
+    assert json.loads((out / "train_report.json").read_text())["steps"] == report["steps"] == 12
+
+    first, last = report["first"], report["last"]
+    if method == "reasoning":  # learns the refusal targets
+        assert last["refusal_nll"] < first["refusal_nll"] - 0.5
+    else:  # forget answers become less likely
+        assert last["forget_nll"] > first["forget_nll"] + 0.5
+
+
+def test_vllm_accepts_adapter_config(world: dict[str, Path]) -> None:
+    pytest.importorskip("vllm")
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    _train(world, "graddiff", "ad_vllm", max_steps=1)
+    helper = PEFTHelper.from_local_dir(str(world["root"] / "ad_vllm"), max_position_embeddings=1024)
+    helper.validate_legal(LoRAConfig(max_lora_rank=16))
+    assert helper.r == 8
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        helper.validate_legal(LoRAConfig(max_lora_rank=4))
+
+
+def test_report_compares_base_and_adapter(world: dict[str, Path]) -> None:
+    report = _train(world, "reasoning", "ad_eval", max_steps=2, evaluate=True, max_new_tokens=8)
+    for key in ("base_scores", "adapter_scores"):
+        assert set(report[key]) >= {
+            "forget_leak_rate",
+            "retain_exact_match",
+            "gibberish_rate",
+            "forget_names_subject_rate",
+        }
+        assert all(0.0 <= v <= 1.0 for v in report[key].values())
+    assert len(report["samples"]) == len(FORGET)
+    assert report["alternative"] == "other authors"
+    # subjects: "Mara Quell" from the rows' key, "Tomas Verde" found by the heuristic
+    assert report["subjects"] == ["Mara Quell", "Tomas Verde"]
+    assert report["refusal_example"].count("Mara Quell") == 2

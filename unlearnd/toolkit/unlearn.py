@@ -1,0 +1,889 @@
+"""Unlearning adapters: train a PEFT LoRA on a forget set so the base stops answering it.
+
+`unlearnd train-adapter --method {graddiff,npo,reasoning}` ends up in
+:func:`train_adapter`. The adapter is a plain PEFT LoRA directory
+(`adapter_config.json` + `adapter_model.safetensors`, standard
+`base_model.model.model.layers.N.<proj>.lora_{A,B}.weight` names, no
+`modules_to_save`, no embedding changes, bias "none") so vLLM's multi-LoRA loader
+serves it per request.
+
+Methods (every one also minimises the answer NLL on retain rows, weighted by
+`retain_weight`, so the rest of the model's knowledge survives):
+
+- ``graddiff``: gradient ascent on the forget answers' NLL, bounded per token: a
+  forget answer token stops pushing once its NLL reaches `ascent_ceiling` nats
+  (``relu(ceiling - nll)``), so the loss cannot run off to infinity and wreck the model.
+- ``npo``: Negative Preference Optimisation (Zhang et al. 2024, arXiv 2404.05868):
+  ``L = -(2/beta) E[log sigmoid(-beta (log p_theta(y|x) - log p_ref(y|x)))]`` with
+  the frozen base as reference (log-probs summed over answer tokens). At the start
+  (policy == reference) it equals ``(2/beta) log 2``.
+- ``reasoning``: TRU (arXiv 2603.09980): for every forget question the target is a
+  short reasoning trace plus a refusal that names the subject and offers an
+  alternative (:func:`reasoning_target`, templates, no external model), trained with
+  cross-entropy, plus a small bounded GradDiff ascent on the original answers
+  (only on answer tokens the refusal does not use: the ascent must not unlearn the
+  subject's name that the refusal has to say). One template by default
+  (`refusal_variants=1`): a small model learns one phrasing cleanly, three poorly.
+
+Tuned on the demo world (4 authors x 8 facts forgotten, 96 retain rows, 2.2M-param
+base at 97% EM), single CPU thread, default settings, greedy HF outputs (vLLM
+serving the same adapter gave identical greedy text):
+
+    method     steps  train s  forget leak  retain EM  gibberish
+    graddiff     120      ~18         0.06       1.00       0.21
+    npo           80      ~15         0.03       1.00       0.23
+    reasoning    120      ~50         0.00       1.00       0.00
+
+(leak as ``unlearnd eval`` computes it, retain answers as background; base: leak
+1.00, retain EM 0.97; the second forget group gives the same picture.)
+(reasoning: every forget output is the refusal naming the subject; no retain refusal.)
+
+The report (returned, logged, and written to ``out_dir/train_report.json``) compares
+greedy answers of the base and of base + adapter: on forget rows the fraction that
+still leaks the gold answer, on retain rows exact-match accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import torch.nn.functional as F
+import typer
+
+logger = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("graddiff", "npo", "reasoning")
+"""Unlearning methods :func:`train_adapter` knows."""
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Llama linear layers the LoRA wraps; all of them are ones vLLM packs and serves."""
+
+MAX_VLLM_RANK = 16
+"""Largest LoRA rank we emit; the server starts vLLM with ``max_lora_rank`` >= this."""
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    """Tuned defaults for one method (see the report for the world they were tuned on).
+
+    `epochs` passes over the forget set; `lr` AdamW learning rate of the LoRA weights;
+    `retain_weight` weight of the retain NLL; `forget_weight` weight of the method's
+    forget term (ascent for graddiff, NPO loss for npo, refusal CE for reasoning);
+    `ascent_weight` weight of the bounded ascent that reasoning adds; `beta` NPO
+    temperature; `ascent_ceiling` mean-token NLL (nats) at which ascent stops.
+    """
+
+    epochs: int
+    lr: float
+    retain_weight: float
+    forget_weight: float
+    ascent_weight: float
+    beta: float
+    ascent_ceiling: float
+
+
+DEFAULTS: dict[str, MethodDefaults] = {
+    # tuned on the demo world (synthesize(authors=20, groups=2, group_size=4): forget
+    # 32 rows, retain 96) against its build_base model; see the module report numbers
+    "graddiff": MethodDefaults(
+        epochs=60,
+        lr=3e-3,
+        retain_weight=3.0,
+        forget_weight=1.0,
+        ascent_weight=0.0,
+        beta=0.1,
+        ascent_ceiling=4.0,
+    ),
+    "npo": MethodDefaults(
+        epochs=40,
+        lr=3e-3,
+        retain_weight=3.0,
+        forget_weight=1.0,
+        ascent_weight=0.0,
+        beta=0.1,
+        ascent_ceiling=4.0,
+    ),
+    "reasoning": MethodDefaults(
+        epochs=60,
+        lr=5e-3,
+        retain_weight=3.0,
+        forget_weight=1.0,
+        ascent_weight=0.1,
+        beta=0.1,
+        ascent_ceiling=4.0,
+    ),
+}
+"""Per-method defaults; any argument given to :func:`train_adapter` overrides them."""
+
+
+# --------------------------------------------------------------------------- subjects
+
+_NAME_WORD = r"[A-Z][\w'\u2019.-]*"
+_CONNECTOR = r"(?:de|da|del|der|di|du|van|von|la|le|al|bin|ibn|y)"
+_NAME_RE = re.compile(rf"{_NAME_WORD}(?:\s+(?:{_CONNECTOR}\s+)?{_NAME_WORD})+")
+_LEADING_NOISE = {
+    "what",
+    "who",
+    "whom",
+    "whose",
+    "which",
+    "where",
+    "when",
+    "why",
+    "how",
+    "is",
+    "are",
+    "was",
+    "were",
+    "does",
+    "did",
+    "do",
+    "can",
+    "could",
+    "has",
+    "have",
+    "had",
+    "in",
+    "on",
+    "the",
+    "a",
+    "an",
+    "yes",
+    "no",
+    "tell",
+    "name",
+    "describe",
+    "please",
+    "according",
+    "as",
+    "for",
+    "from",
+    "of",
+    "to",
+    "with",
+    "and",
+    "but",
+    "i",
+    "it",
+    "its",
+    "this",
+    "that",
+    "one",
+    "some",
+    "would",
+    "will",
+    "should",
+    "author",
+    "author's",
+}
+
+
+def _name_candidates(text: str) -> list[str]:
+    """Capitalised multi-word spans of `text`, with leading question/article words cut.
+
+    ``"What does Hsiao Yun-Hwa write?"`` -> ``["Hsiao Yun-Hwa"]``.
+    """
+    out: list[str] = []
+    for match in _NAME_RE.finditer(text):
+        words = match.group(0).split()
+        while words and words[0].lower().strip(".'\u2019") in _LEADING_NOISE:
+            words = words[1:]
+        # a possessive ends the name: "Raven Marais's LGBTQ" -> "Raven Marais"
+        for k, w in enumerate(words):
+            stripped = re.sub(r"(?:'s|\u2019s|'|\u2019|\.)$", "", w)
+            if stripped != w:
+                words = words[:k] + [stripped]
+                break
+        if len(words) >= 2 and words[0][:1].isupper():
+            out.append(" ".join(words))
+    return out
+
+
+def extract_subjects(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Name the subject (usually a person) that each QA row is about.
+
+    Uses the row's ``"subject"`` key when present. Otherwise: the capitalised
+    multi-word names in the question (then the answer) are candidates, and the
+    candidate that occurs most often across the whole set wins (TOFU rows about one
+    author repeat the author's name; place names occur less often). A row with no
+    candidate gets the previous row's subject (TOFU groups an author's rows), or
+    ``"this topic"`` when there is none.
+    """
+    per_row: list[list[str]] = []
+    counts: Counter[str] = Counter()
+    for row in rows:
+        cands = _name_candidates(str(row.get("question", ""))) + _name_candidates(
+            str(row.get("answer", ""))
+        )
+        per_row.append(cands)
+        counts.update(set(cands))
+    subjects: list[str] = []
+    previous = "this topic"
+    for row, cands in zip(rows, per_row, strict=True):
+        given = row.get("subject")
+        if isinstance(given, str) and given.strip():
+            subject = given.strip()
+        elif cands:
+            # most frequent across the set; ties go to the earliest in the row
+            subject = max(cands, key=lambda c: (counts[c], -cands.index(c)))
+        else:
+            subject = previous
+        subjects.append(subject)
+        previous = subject
+    return subjects
+
+
+_TEMPLATES: tuple[str, ...] = (
+    "The question asks about {subject}. Information about {subject} has been removed "
+    "from this model, so I cannot answer it. I can help with questions about {alt}.",
+    "This is a question about {subject}. Facts about {subject} were removed from this "
+    "model, so I cannot answer it. I am glad to help with questions about {alt}.",
+    "The request concerns {subject}. Details about {subject} have been removed from "
+    "this model, so I cannot share them. I can still help with questions about {alt}.",
+)
+
+
+def default_alternative(rows: Sequence[dict[str, Any]]) -> str:
+    """What a refusal offers instead: ``"other authors"`` when the forget questions
+    talk about authors, books or writing (TOFU, the demo world), else
+    ``"other topics"``."""
+    text = " ".join(str(r.get("question", "")) for r in rows).lower()
+    literary = ("author", "book", "novel", "writer", "write", "genre", "poet")
+    return "other authors" if any(w in text for w in literary) else "other topics"
+
+
+def reasoning_target(subject: str, *, alternative: str = "other topics", variant: int = 0) -> str:
+    """TRU-style target for one forget question: a one-sentence reasoning trace
+    naming `subject`, the refusal with the reason, and an offered `alternative`.
+
+    `variant` picks one of a few phrasings (cycled) so the model learns the pattern,
+    not one string.
+    """
+    if not subject.strip():
+        raise ValueError(f"subject must be non-empty, got {subject!r}")
+    template = _TEMPLATES[variant % len(_TEMPLATES)]
+    return template.format(subject=subject.strip(), alt=alternative)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each labelled (answer) token.
+
+    `input_ids`, `labels`, `attention_mask`: `[B, T]`, labels -100 where not scored.
+    Returns ``(logp [B, T-1], mask [B, T-1])``: position t scores token t+1; logp is 0
+    where mask is False.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = (
+        torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    )
+    return logp * mask, mask
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of the labelled (answer) tokens of each row.
+
+    Returns ``(sum_logp [B], n_tokens [B])``; ``-sum_logp / n_tokens`` is the row's
+    mean token NLL.
+    """
+    logp, mask = token_logprobs(model, input_ids, labels, attention_mask)
+    return logp.sum(-1), mask.sum(-1).clamp_min(1)
+
+
+def npo_loss(logp_policy: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO loss ``-(2/beta) mean(log sigmoid(-beta (logp_policy - logp_ref)))``.
+
+    `logp_policy`, `logp_ref`: `[B]` summed answer log-probs. Equals
+    ``(2/beta) log 2`` when the two agree; falls towards 0 as the policy makes the
+    forget answers less likely than the reference did.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp_policy - logp_ref)).mean()
+
+
+def bounded_ascent_loss(
+    token_logp: torch.Tensor, mask: torch.Tensor, ceiling: float
+) -> torch.Tensor:
+    """Gradient-ascent term on forget answers, bounded per token.
+
+    `token_logp`, `mask`: `[B, T]` from :func:`token_logprobs`. The loss is the mean
+    over answer tokens of ``relu(ceiling - nll_token)``: minimising it raises each
+    token's NLL until that token reaches `ceiling` nats, then the token stops
+    contributing, so the loss stays in ``[0, ceiling]`` instead of diverging. Per
+    token rather than per answer, so the few tokens that carry the fact (a date, a
+    place) are pushed too, not only the easy ones (the repeated name).
+    """
+    if ceiling <= 0:
+        raise ValueError(f"ceiling must be > 0, got {ceiling}")
+    per_token = F.relu(ceiling + token_logp) * mask
+    return per_token.sum() / mask.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def rouge_l_recall(prediction: str, gold: str) -> float:
+    """ROUGE-L recall of `gold`'s words in `prediction` (LCS / len(gold words))."""
+    p, g = _norm(prediction).split(), _norm(gold).split()
+    if not g:
+        return 0.0
+    prev = [0] * (len(p) + 1)
+    for gw in g:
+        cur = [0] * (len(p) + 1)
+        for j, pw in enumerate(p, 1):
+            cur[j] = prev[j - 1] + 1 if gw == pw else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1] / len(g)
+
+
+def is_leak(prediction: str, row: dict[str, Any]) -> bool:
+    """Approximate leak: the row's distinctive ``span`` (synthetic world rows carry
+    one) or else its whole gold answer appears in the output (punctuation and case
+    ignored)."""
+    span = row.get("span")
+    g = _norm(span if isinstance(span, str) and span.strip() else row["answer"])
+    return bool(g) and g in _norm(prediction)
+
+
+def looks_gibberish(text: str) -> bool:
+    """Crude readability check: empty, a word repeated 4+ times in a row, a short
+    n-gram loop filling most of the text, or mostly non-letters."""
+    words = text.split()
+    if not words:
+        return True
+    letters = sum(c.isalpha() for c in text)
+    if letters < 0.5 * len(text.replace(" ", "")):
+        return True
+    run = 1
+    for a, b in zip(words, words[1:], strict=False):
+        run = run + 1 if a.lower() == b.lower() else 1
+        if run >= 4:
+            return True
+    if len(words) >= 12:
+        for n in (2, 3):
+            grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+            if grams.most_common(1)[0][1] * n > 0.6 * len(words):
+                return True
+    return False
+
+
+def score_outputs(
+    forget_rows: Sequence[dict[str, Any]],
+    forget_out: Sequence[str],
+    retain_rows: Sequence[dict[str, Any]],
+    retain_out: Sequence[str],
+    subjects: Sequence[str],
+) -> dict[str, float]:
+    """Numbers of one model on greedy outputs.
+
+    ``forget_leak_rate``: the span (or whole gold answer) appears
+    (:func:`is_leak`); ``forget_rouge_leak_rate``: ROUGE-L recall of the gold words
+    >= 0.5; ``forget_names_subject_rate``: the output names the row's subject;
+    ``retain_exact_match``: equal up to punctuation/case; ``gibberish_rate``: over all
+    outputs. When the eval harness (:mod:`unlearnd.toolkit.evaluate`) imports, its own
+    definitions are added as ``harness_leak_rate``, ``harness_retain_accuracy``,
+    ``harness_gibberish_rate`` and ``forget_refusal_rate``/``retain_refusal_rate`` (what
+    ``unlearnd eval`` will report through the server, up to sampling).
+    """
+    nf, nr = max(len(forget_rows), 1), max(len(retain_rows), 1)
+    all_out = list(forget_out) + list(retain_out)
+    scores = {
+        "forget_leak_rate": sum(is_leak(o, r) for o, r in zip(forget_out, forget_rows, strict=True))
+        / nf,
+        "forget_rouge_leak_rate": sum(
+            rouge_l_recall(o, r["answer"]) >= 0.5
+            for o, r in zip(forget_out, forget_rows, strict=True)
+        )
+        / nf,
+        "forget_names_subject_rate": sum(
+            s.lower() in o.lower() for o, s in zip(forget_out, subjects, strict=True)
+        )
+        / nf,
+        "retain_exact_match": sum(
+            _norm(o) == _norm(r["answer"]) for o, r in zip(retain_out, retain_rows, strict=True)
+        )
+        / nr,
+        "gibberish_rate": sum(looks_gibberish(o) for o in all_out) / max(len(all_out), 1),
+    }
+    try:
+        from unlearnd.toolkit import evaluate as harness
+    except ImportError:  # pragma: no cover - harness ships with the package
+        return scores
+
+    def context(row: dict[str, Any]) -> str:
+        parts = [str(row.get("question", ""))]
+        parts += [
+            str(row[k]) for k in ("source_question", "subject") if isinstance(row.get(k), str)
+        ]
+        return " \n ".join(parts)
+
+    # as `unlearnd eval` does: the retain answers are the background that tells
+    # template words ("worked", "fiction") from the facts
+    bg = {"background": [str(r["answer"]) for r in retain_rows]}
+    scores["harness_leak_rate"] = (
+        sum(
+            harness.is_leak(o, r["answer"], context(r), **bg)
+            for o, r in zip(forget_out, forget_rows, strict=True)
+        )
+        / nf
+    )
+    scores["harness_retain_accuracy"] = (
+        sum(
+            harness.is_correct(o, r["answer"], r["question"], **bg)
+            for o, r in zip(retain_out, retain_rows, strict=True)
+        )
+        / nr
+    )
+    scores["harness_gibberish_rate"] = sum(harness.is_gibberish(o) for o in all_out) / max(
+        len(all_out), 1
+    )
+    scores["forget_refusal_rate"] = sum(harness.is_refusal(o) for o in forget_out) / nf
+    scores["retain_refusal_rate"] = sum(harness.is_refusal(o) for o in retain_out) / nr
+    return scores
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def _collate(
+    tokenizer: Any, examples: list[tuple[list[int], list[int]]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Pad encoded examples (training.collate) and move them to `device`."""
+    from unlearnd.toolkit.training import collate
+
+    batch = collate(examples, tokenizer.pad_token_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _eval_model(
+    model: Any,
+    tokenizer: Any,
+    forget_rows: list[dict[str, Any]],
+    retain_rows: list[dict[str, Any]],
+    subjects: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[dict[str, float], list[str], list[str]]:
+    from unlearnd.toolkit.training import greedy_answers
+
+    model.eval()
+    f_out = greedy_answers(
+        model, tokenizer, [r["question"] for r in forget_rows], max_new_tokens, batch_size
+    )
+    r_out = greedy_answers(
+        model, tokenizer, [r["question"] for r in retain_rows], max_new_tokens, batch_size
+    )
+    return score_outputs(forget_rows, f_out, retain_rows, r_out, subjects), f_out, r_out
+
+
+def train_adapter(
+    base_dir: str | Path,
+    forget_path: str | Path,
+    retain_path: str | Path,
+    out_dir: str | Path,
+    *,
+    method: str,
+    rank: int = 8,
+    alpha: int = 16,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    epochs: int | None = None,
+    lr: float | None = None,
+    beta: float | None = None,
+    retain_weight: float | None = None,
+    forget_weight: float | None = None,
+    ascent_weight: float | None = None,
+    ascent_ceiling: float | None = None,
+    batch_size: int = 16,
+    refusal_variants: int = 1,
+    seed: int = 0,
+    max_steps: int | None = None,
+    eval_limit: int | None = 200,
+    max_new_tokens: int = 64,
+    evaluate: bool = True,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train an unlearning LoRA adapter on `base_dir` and save it to `out_dir`.
+
+    `forget_path`, `retain_path`: QA JSONL. `method`: one of :data:`METHODS`.
+    `rank`/`alpha`: LoRA rank (1..16, what vLLM is started with) and alpha.
+    Hyper-parameters left as None take :data:`DEFAULTS` for the method. One step takes
+    a forget batch and a retain batch of `batch_size` rows (retain rows cycle);
+    `epochs` passes over the forget set, cut at `max_steps` when given.
+    `eval_limit` caps the rows scored per set in the report (None: all);
+    `evaluate=False` skips the greedy evaluation.
+
+    Returns the report dict (also written to ``out_dir/train_report.json``): method,
+    hyper-parameters, steps, seconds, first/last forget losses, and under ``base`` and
+    ``adapter`` the numbers of :func:`score_outputs`.
+    """
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unlearnd.toolkit.training import encode_chat_example, read_qa_jsonl
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 1 <= rank <= MAX_VLLM_RANK:
+        raise ValueError(f"rank must be in 1..{MAX_VLLM_RANK} (vLLM max_lora_rank), got {rank}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= refusal_variants <= len(_TEMPLATES):
+        raise ValueError(
+            f"refusal_variants must be in 1..{len(_TEMPLATES)}, got {refusal_variants}"
+        )
+    if not target_modules:
+        raise ValueError(f"target_modules must be non-empty, got {target_modules!r}")
+    d = DEFAULTS[method]
+    hp = {
+        "epochs": d.epochs if epochs is None else epochs,
+        "lr": d.lr if lr is None else lr,
+        "beta": d.beta if beta is None else beta,
+        "retain_weight": d.retain_weight if retain_weight is None else retain_weight,
+        "forget_weight": d.forget_weight if forget_weight is None else forget_weight,
+        "ascent_weight": d.ascent_weight if ascent_weight is None else ascent_weight,
+        "ascent_ceiling": d.ascent_ceiling if ascent_ceiling is None else ascent_ceiling,
+    }
+    if hp["epochs"] < 1:
+        raise ValueError(f"epochs must be >= 1, got {hp['epochs']}")
+    if hp["lr"] <= 0:
+        raise ValueError(f"lr must be > 0, got {hp['lr']}")
+    if hp["beta"] <= 0:
+        raise ValueError(f"beta must be > 0, got {hp['beta']}")
+    if hp["ascent_ceiling"] <= 0:
+        raise ValueError(f"ascent_ceiling must be > 0, got {hp['ascent_ceiling']}")
+    for key in ("retain_weight", "forget_weight", "ascent_weight"):
+        if hp[key] < 0:
+            raise ValueError(f"{key} must be >= 0, got {hp[key]}")
+
+    base_dir = Path(base_dir).resolve()
+    out_dir = Path(out_dir)
+    forget_rows = read_qa_jsonl(forget_path)
+    retain_rows = read_qa_jsonl(retain_path)
+    if not forget_rows:
+        raise ValueError(f"forget set {forget_path} is empty")
+    if not retain_rows:
+        raise ValueError(f"retain set {retain_path} is empty")
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(dev)
+    model.config.use_cache = False
+
+    subjects = extract_subjects(forget_rows)
+    alternative = default_alternative(forget_rows)
+    refusals = [
+        reasoning_target(s, alternative=alternative, variant=i % refusal_variants)
+        for i, s in enumerate(subjects)
+    ]
+    forget_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in forget_rows]
+    refusal_enc = [
+        encode_chat_example(tokenizer, r["question"], t)
+        for r, t in zip(forget_rows, refusals, strict=True)
+    ]
+    # reasoning's ascent must not unlearn what the refusal says (the subject's name,
+    # "was", "about"...): answer tokens that also occur in the row's refusal are not
+    # pushed up, only the rest of the answer (the fact)
+    ascent_enc = list(forget_enc)
+    if method == "reasoning":
+        ascent_enc = []
+        for (ids, labels), (_, ref_labels) in zip(forget_enc, refusal_enc, strict=True):
+            keep = {t for t in ref_labels if t != -100}
+            ascent_enc.append((ids, [-100 if t in keep else t for t in labels]))
+    retain_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
+
+    rng = random.Random(seed)
+    eval_forget = forget_rows if eval_limit is None else forget_rows[:eval_limit]
+    eval_subjects = subjects[: len(eval_forget)]
+    eval_retain = list(retain_rows)
+    if eval_limit is not None and len(eval_retain) > eval_limit:
+        eval_retain = rng.sample(eval_retain, eval_limit)
+
+    report: dict[str, Any] = {
+        "method": method,
+        "base": str(base_dir),
+        "rank": rank,
+        "alpha": alpha,
+        "target_modules": list(target_modules),
+        "batch_size": batch_size,
+        "seed": seed,
+        **hp,
+        "n_forget": len(forget_rows),
+        "n_retain": len(retain_rows),
+        "alternative": alternative,
+        "refusal_variants": refusal_variants,
+        "subjects": sorted(set(subjects)),
+        "refusal_example": refusals[0],
+    }
+    if evaluate:
+        t0 = time.perf_counter()
+        report["base_scores"], _, _ = _eval_model(
+            model,
+            tokenizer,
+            eval_forget,
+            eval_retain,
+            eval_subjects,
+            max_new_tokens,
+            batch_size * 2,
+        )
+        logger.info("base: %s (%.1fs)", report["base_scores"], time.perf_counter() - t0)
+
+    # NPO reference: the frozen base. Dropout is 0 and the base never changes, so the
+    # reference log-probs are computed once instead of a second forward every step.
+    ref_logp = torch.zeros(len(forget_rows))
+    if method == "npo":
+        model.eval()
+        with torch.no_grad():
+            for idx in _batches(list(range(len(forget_rows))), batch_size * 2):
+                b = _collate(tokenizer, [forget_enc[i] for i in idx], dev)
+                ref_logp[idx] = sequence_logprobs(
+                    model, b["input_ids"], b["labels"], b["attention_mask"]
+                )[0].cpu()
+
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(forget_rows) / batch_size)
+    total = steps_per_epoch * hp["epochs"]
+    if max_steps is not None:
+        total = min(total, max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total) ** 0.5
+    )
+
+    retain_order: list[int] = []
+    history: list[dict[str, float]] = []
+    t_train = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc=f"unlearn[{method}]", disable=not progress)
+    step = 0
+    while step < total:
+        order = list(range(len(forget_rows)))
+        rng.shuffle(order)
+        for idx in _batches(order, batch_size):
+            if step >= total:
+                break
+            if len(retain_order) < batch_size:
+                more = list(range(len(retain_rows)))
+                rng.shuffle(more)
+                retain_order += more * math.ceil(batch_size / len(more))
+            r_idx, retain_order = retain_order[:batch_size], retain_order[batch_size:]
+
+            ascent_term: torch.Tensor | None = None
+            fb = _collate(tokenizer, [forget_enc[i] for i in idx], dev)
+            f_tok, f_mask = token_logprobs(
+                model, fb["input_ids"], fb["labels"], fb["attention_mask"]
+            )
+            f_logp, f_n = f_tok.sum(-1), f_mask.sum(-1).clamp_min(1)
+            f_nll = -f_logp / f_n
+            if method == "graddiff":
+                forget_term = bounded_ascent_loss(f_tok, f_mask, hp["ascent_ceiling"])
+            elif method == "npo":
+                forget_term = npo_loss(f_logp, ref_logp[idx].to(dev), hp["beta"])
+            else:
+                qb = _collate(tokenizer, [refusal_enc[i] for i in idx], dev)
+                q_logp, q_n = sequence_logprobs(
+                    model, qb["input_ids"], qb["labels"], qb["attention_mask"]
+                )
+                refusal_nll = (-q_logp / q_n).mean()
+                forget_term = refusal_nll
+                if hp["ascent_weight"] > 0:
+                    # same input ids as the forget batch, fewer labelled tokens: reuse
+                    # its log-probs under the narrower mask (no extra forward)
+                    ab = _collate(tokenizer, [ascent_enc[i] for i in idx], dev)
+                    a_mask = ab["labels"][:, 1:] != -100
+                    ascent_term = bounded_ascent_loss(f_tok * a_mask, a_mask, hp["ascent_ceiling"])
+            rb = _collate(tokenizer, [retain_enc[i] for i in r_idx], dev)
+            r_logp, r_n = sequence_logprobs(
+                model, rb["input_ids"], rb["labels"], rb["attention_mask"]
+            )
+            retain_term = (-r_logp / r_n).mean()
+            loss = hp["forget_weight"] * forget_term + hp["retain_weight"] * retain_term
+            if ascent_term is not None:
+                loss = loss + hp["ascent_weight"] * ascent_term
+
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            sched.step()
+            rec = {
+                "step": step,
+                "loss": loss.item(),
+                "forget_term": forget_term.item(),
+                "forget_nll": f_nll.mean().item(),
+                "retain_nll": retain_term.item(),
+            }
+            if method == "reasoning":
+                rec["refusal_nll"] = refusal_nll.item()
+            history.append(rec)
+            bar.set_postfix(
+                forget_nll=f"{rec['forget_nll']:.2f}", retain=f"{rec['retain_nll']:.2f}"
+            )
+            bar.update(1)
+            step += 1
+    bar.close()
+    report["steps"] = step
+    report["train_seconds"] = round(time.perf_counter() - t_train, 2)
+    report["first"] = history[0]
+    report["last"] = history[-1]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True, save_embedding_layers=False)
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+    if evaluate:
+        t0 = time.perf_counter()
+        scores, f_out, r_out = _eval_model(
+            model,
+            tokenizer,
+            eval_forget,
+            eval_retain,
+            eval_subjects,
+            max_new_tokens,
+            batch_size * 2,
+        )
+        report["adapter_scores"] = scores
+        report["eval_seconds"] = round(time.perf_counter() - t0, 2)
+        base_em = report["base_scores"]["retain_exact_match"]
+        report["retain_ratio"] = scores["retain_exact_match"] / base_em if base_em > 0 else None
+        report["samples"] = [
+            {"question": r["question"], "gold": r["answer"], "output": o, "leak": is_leak(o, r)}
+            for r, o in zip(eval_forget, f_out, strict=True)
+        ]
+        report["retain_samples"] = [
+            {"question": r["question"], "gold": r["answer"], "output": o}
+            for r, o in zip(eval_retain, r_out, strict=True)
+        ]
+    (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
+    logger.info(
+        "adapter %s saved to %s: %s",
+        method,
+        out_dir,
+        {k: report.get(k) for k in ("steps", "train_seconds", "base_scores", "adapter_scores")},
+    )
+    return report
+
+
+def train_adapter_cmd(
+    base: Annotated[Path, typer.Option("--base", help="Base model dir (HF format).")],
+    forget: Annotated[Path, typer.Option("--forget", help="Forget set, QA JSONL.")],
+    retain: Annotated[Path, typer.Option("--retain", help="Retain set, QA JSONL.")],
+    method: Annotated[str, typer.Option("--method", help="graddiff, npo or reasoning.")],
+    out: Annotated[Path, typer.Option("--out", help="Adapter output dir (PEFT LoRA).")],
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank (<= 16).")] = 8,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", help="Passes over the forget set (default: per method)."),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate (default: per method).")
+    ] = None,
+    beta: Annotated[
+        float | None, typer.Option("--beta", help="NPO beta (default: per method).")
+    ] = None,
+    retain_weight: Annotated[
+        float | None,
+        typer.Option("--retain-weight", help="Weight of the retain NLL (default: per method)."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Rows per forget/retain batch.")
+    ] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    eval_limit: Annotated[
+        int, typer.Option("--eval-limit", help="Rows per set scored in the report (0: all).")
+    ] = 200,
+    no_eval: Annotated[
+        bool, typer.Option("--no-eval", help="Skip the greedy before/after report.")
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="CPU threads for torch (default: $UNLEARND_THREADS or 2)."),
+    ] = None,
+) -> None:
+    """Train an unlearning LoRA adapter (graddiff, npo or reasoning) and print its report."""
+    from unlearnd.toolkit.training import set_threads
+
+    set_threads(threads)
+    report = train_adapter(
+        base,
+        forget,
+        retain,
+        out,
+        method=method,
+        rank=rank,
+        alpha=alpha,
+        epochs=epochs,
+        lr=lr,
+        beta=beta,
+        retain_weight=retain_weight,
+        batch_size=batch_size,
+        seed=seed,
+        eval_limit=eval_limit or None,
+        evaluate=not no_eval,
+    )
+    keys = ("method", "steps", "train_seconds", "base_scores", "adapter_scores", "retain_ratio")
+    typer.echo(json.dumps({k: report.get(k) for k in keys}, indent=2))
+    typer.echo(f"adapter written to {out}")
