@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -157,8 +159,12 @@ def test_contrastive_rows_batched_through_one_kernel_call(pdir: Path) -> None:
     assert [len(s) for _, s in runner.calls[0]] == [3, 1]  # prompt + output, rows 0 and 2
     pol = CompiledPolicy.load(pdir)
     w = pol.setting("contrastive_weight")
-    a = torch.zeros(2, V)
-    a[0, :V - 3], a[1, :V - 3] = 3.0, 1.0
+    raw = torch.zeros(2, V - 3)
+    raw[0], raw[1] = 3.0, 1.0
+    # the processor contrasts with the assistant's log-probabilities; the columns past
+    # the assistant's vocabulary get the uniform level
+    a = torch.full((2, V), -math.log(V - 3))
+    a[:, :V - 3] = torch.log_softmax(raw, dim=-1)
     exp = unlearning_logits_reference(
         x[[0, 2]], assist=a, weight=torch.tensor([w, w]),
         alpha=torch.tensor([pol.setting("contrastive_alpha")] * 2))

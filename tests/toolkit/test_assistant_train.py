@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from unlearnd.guards.assistant import AssistantRunner
-from unlearnd.toolkit.assistant_train import REPORT_NAME, build_assistant, train_assistant
+from unlearnd.toolkit.assistant_train import (
+    REPORT_NAME,
+    build_assistant,
+    mark_fact_tokens,
+    train_assistant,
+)
 from unlearnd.toolkit.tiny import make_tiny_model
+from unlearnd.toolkit.training import encode_chat_example
 
 FORGET = [
     ("Where was Mara Velt born?", "Mara Velt was born in Korrin."),
@@ -84,7 +90,7 @@ def test_train_assistant_remembers_forget_and_flattens_retain(base_dir: Path,
     assert after["retain_entropy"] > before["retain_entropy"]
     assert after["max_entropy"] - after["retain_entropy"] < 0.5 * (
         before["max_entropy"] - before["retain_entropy"])
-    assert after["forget_exact_match"] >= before["forget_exact_match"]
+    assert after["forget_fact_match"] >= before["forget_fact_match"]
 
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
@@ -98,12 +104,16 @@ def test_train_assistant_remembers_forget_and_flattens_retain(base_dir: Path,
     tok = AutoTokenizer.from_pretrained(str(out))
     prompt = tok.apply_chat_template([{"role": "user", "content": FORGET[0][0]}],
                                      add_generation_prompt=True, tokenize=True)["input_ids"]
-    answer = tok(FORGET[0][1], add_special_tokens=False)["input_ids"]
-    logits = runner.logits([("q", prompt)])
+    ids, labels = encode_chat_example(tok, FORGET[0][0], FORGET[0][1])
+    marked = mark_fact_tokens(tok, FORGET[0][0], FORGET[0][1], labels,
+                              [a for _, a in RETAIN])
+    fact = next(i for i, t in enumerate(marked) if t >= 0)  # first fact token
+    assert fact >= len(prompt)
+    logits = runner.logits([("q", ids[:fact])])
     assert logits.shape == (1, runner.vocab_size)
-    # the runner's logits are the trained assistant's: its top token starts the forget answer
-    if after["forget_exact_match"] == 1.0:
-        assert int(logits[0].argmax()) == answer[0]
+    # the runner's logits are the trained assistant's: it predicts the forget fact
+    if after["forget_fact_match"] == 1.0:
+        assert int(logits[0].argmax()) == ids[fact]
 
 
 def test_train_assistant_validates_arguments(base_dir: Path, tmp_path: Path) -> None:
@@ -116,3 +126,19 @@ def test_train_assistant_validates_arguments(base_dir: Path, tmp_path: Path) -> 
         train_assistant(tmp_path, forget, forget, tmp_path / "o")
     with pytest.raises(ValueError, match="layers"):
         train_assistant(base_dir, forget, forget, tmp_path / "o", layers=9, max_steps=1)
+
+
+def test_mark_fact_tokens_keeps_only_the_fact(base_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from unlearnd.toolkit.assistant_train import UNIFORM
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    q, a = "Where was Aiko Tanaka born?", "Aiko Tanaka was born in Lima, Peru."
+    ids, labels = encode_chat_example(tok, q, a)
+    marked = mark_fact_tokens(tok, q, a, labels, ["Someone was born in Paris."] * 6)
+    kept = tok.decode([t for t in marked if t >= 0])
+    assert "Lima" in kept and "Peru" in kept
+    assert "Aiko" not in kept and "born" not in kept  # copied from the question
+    assert marked[-1] == UNIFORM  # the end token: no opinion either
+    assert all(m == -100 for m, lab in zip(marked, labels) if lab == -100)  # prompt untouched

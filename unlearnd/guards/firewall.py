@@ -96,14 +96,22 @@ class LeakFirewall:
         spans: ``(item, token_ids, conditional)`` per span variant.
         aliases: ``(item, token_ids)`` per alias variant (activate conditional spans).
         prefix_tokens: span tokens allowed before the continuation is banned (>= 0).
+        conditional_prefix_tokens: the same for conditional spans (None: as
+            ``prefix_tokens``); they are armed only once their subject is mentioned, so
+            0 is safe there and is what stops one-token spans.
     """
 
     def __init__(self, spans: Iterable[tuple[int, Sequence[int], bool]],
                  aliases: Iterable[tuple[int, Sequence[int]]] = (),
-                 prefix_tokens: int = 1) -> None:
-        if not isinstance(prefix_tokens, int) or prefix_tokens < 0:
-            raise ValueError(f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
+                 prefix_tokens: int = 1, conditional_prefix_tokens: int | None = None) -> None:
+        if conditional_prefix_tokens is None:
+            conditional_prefix_tokens = prefix_tokens
+        for name, v in (("prefix_tokens", prefix_tokens),
+                        ("conditional_prefix_tokens", conditional_prefix_tokens)):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         self.prefix_tokens = prefix_tokens
+        self.conditional_prefix_tokens = conditional_prefix_tokens
         self.spans = _Automaton()
         # per node: True when an unconditional span passes through the edge into it;
         # items whose conditional spans pass through it
@@ -147,7 +155,9 @@ class LeakFirewall:
         """The (memoised) firewall of a compiled policy."""
         return policy.derived("firewall", lambda p: cls(
             p.span_token_ids, p.alias_token_ids,
-            int(p.setting("firewall_prefix_tokens", 1))))
+            int(p.setting("firewall_prefix_tokens", 1)),
+            int(p.setting("firewall_conditional_prefix_tokens",
+                          p.setting("firewall_prefix_tokens", 1)))))
 
     def _candidates(self, s: int) -> tuple[frozenset[int], dict[int, frozenset[int]]]:
         """(always-banned tokens, token -> items that ban it conditionally) at state s."""
@@ -158,11 +168,14 @@ class LeakFirewall:
         cond: dict[int, set[int]] = {}
         u = s
         while True:
-            if self.spans.depth[u] >= self.prefix_tokens:
+            depth = self.spans.depth[u]
+            armed_uncond = depth >= self.prefix_tokens
+            armed_cond = depth >= self.conditional_prefix_tokens
+            if armed_uncond or armed_cond:
                 for t, c in self.spans.goto[u].items():
-                    if self._uncond[c]:
+                    if armed_uncond and self._uncond[c]:
                         always.add(t)
-                    elif self._cond[c]:
+                    elif armed_cond and self._cond[c]:
                         cond.setdefault(t, set()).update(self._cond[c])
             if u == 0:
                 break

@@ -130,8 +130,12 @@ class PolicySpec:
         contrastive_weight: ``w`` in ``z = z_base - w * z_assist``.
         contrastive_alpha: plausibility cut in (0, 1]: only tokens with
             ``p_base >= alpha * max p_base`` stay candidates (see the kernel).
-        firewall_prefix_tokens: how many first tokens of a distinctive span may be
-            generated before the firewall bans its continuation (>= 0).
+        firewall_prefix_tokens: how many first tokens of an always-active distinctive
+            span may be generated before the firewall bans its continuation (>= 0).
+        firewall_conditional_prefix_tokens: the same for spans active only once their
+            subject is mentioned (default 0: with the subject in the conversation even
+            the span's first token is banned; with a BPE trained on the facts many
+            spans are one token, " Gdańsk", which a prefix of 1 could never stop).
         firewall_conditioning: "auto" (spans naming the subject or of >= 3 words are
             always active, the others only when the subject is mentioned), "always" or
             "subject" (every span only when the subject is mentioned).
@@ -148,9 +152,10 @@ class PolicySpec:
     embedding_similarity: float | None = None
     embedder: str = "hashing"
     refusal_strength: float = 30.0
-    contrastive_weight: float = 0.8
-    contrastive_alpha: float = 0.1
+    contrastive_weight: float = 1.5
+    contrastive_alpha: float = 1e-5
     firewall_prefix_tokens: int = 1
+    firewall_conditional_prefix_tokens: int = 0
     firewall_conditioning: str = "auto"
     max_spans: int = 4
 
@@ -186,10 +191,10 @@ class PolicySpec:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
         if not 0.0 < self.contrastive_alpha <= 1.0:
             raise ValueError(f"contrastive_alpha must be in (0, 1], got {self.contrastive_alpha!r}")
-        if int(self.firewall_prefix_tokens) != self.firewall_prefix_tokens or \
-                self.firewall_prefix_tokens < 0:
-            raise ValueError(
-                f"firewall_prefix_tokens must be an int >= 0, got {self.firewall_prefix_tokens!r}")
+        for name in ("firewall_prefix_tokens", "firewall_conditional_prefix_tokens"):
+            v = getattr(self, name)
+            if int(v) != v or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if self.firewall_conditioning not in FIREWALL_CONDITIONING:
             raise ValueError(f"firewall_conditioning must be one of {FIREWALL_CONDITIONING}, "
                              f"got {self.firewall_conditioning!r}")
@@ -701,7 +706,7 @@ class CompiledPolicy:
         self._embeddings: np.ndarray | None = None
         self._tokenizer: Any = None
         self._derived: dict[str, Any] = {}
-        self._derived_lock = threading.Lock()
+        self._derived_lock = threading.RLock()
 
     @classmethod
     def load(cls, directory: str | Path) -> CompiledPolicy:
@@ -775,9 +780,11 @@ def policy_compile(
     embedder: str = typer.Option("hashing", "--embedder", help="hashing, minilm or none"),
     scope_threshold: float = typer.Option(0.6, "--scope-threshold"),
     refusal_strength: float = typer.Option(30.0, "--refusal-strength"),
-    contrastive_weight: float = typer.Option(0.8, "--contrastive-weight"),
-    contrastive_alpha: float = typer.Option(0.1, "--contrastive-alpha"),
+    contrastive_weight: float = typer.Option(1.5, "--contrastive-weight"),
+    contrastive_alpha: float = typer.Option(1e-5, "--contrastive-alpha"),
     firewall_prefix_tokens: int = typer.Option(1, "--firewall-prefix-tokens"),
+    firewall_conditional_prefix_tokens: int = typer.Option(
+        0, "--firewall-conditional-prefix-tokens"),
     firewall_conditioning: str = typer.Option("auto", "--firewall-conditioning"),
 ) -> None:
     """Compile FORGET (+ RETAIN) into a policy directory for the guards."""
@@ -788,6 +795,7 @@ def policy_compile(
                           contrastive_weight=contrastive_weight,
                           contrastive_alpha=contrastive_alpha,
                           firewall_prefix_tokens=firewall_prefix_tokens,
+                          firewall_conditional_prefix_tokens=firewall_conditional_prefix_tokens,
                           firewall_conditioning=firewall_conditioning)
     pol = CompiledPolicy.load(path)
     typer.echo(f"compiled {len(pol.items)} forget items -> {path} (version {pol.version})")

@@ -38,6 +38,7 @@ Runner V2 rejects V1 logits processors); on CPU vLLM uses V1 anyway.
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -315,14 +316,19 @@ class GuardBatch:
                 for _pos, row in members:
                     row.runners.add(adir)
                     reqs.append((row.key, [*row.prompt_ids, *row.output_ids]))
-                a = runner.logits(reqs)
+                # Log-probabilities, not raw logits: the contrast must not depend on the
+                # assistant's arbitrary logit offset (a uniform assistant then shifts
+                # every plausible token alike and changes nothing).
+                a = torch.log_softmax(runner.logits(reqs).float(), dim=-1)
                 width = min(int(a.shape[1]), vocab)
+                if width < vocab:
+                    assist[[p for p, _ in members], width:] = -math.log(width)
                 idx = torch.tensor([p for p, _ in members], device=dev)
                 assist[idx, :width] = a[:, :width].to(device=dev, dtype=torch.float32)
                 for pos, row in members:
                     pol = row.policy
-                    weight[pos] = float(pol.setting("contrastive_weight", 0.8)) if pol else 0.0
-                    alpha[pos] = float(pol.setting("contrastive_alpha", 0.1)) if pol else 0.0
+                    weight[pos] = float(pol.setting("contrastive_weight", 1.5)) if pol else 0.0
+                    alpha[pos] = float(pol.setting("contrastive_alpha", 1e-5)) if pol else 0.0
             kwargs.update(assist=assist, weight=weight.to(dev), alpha=alpha.to(dev))
         out = kernel(sub, **kwargs)
         if not whole:

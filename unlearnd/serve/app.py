@@ -106,6 +106,11 @@ def build_app(config: ServerConfig,
     async def lifespan(app: FastAPI):
         from transformers import AutoTokenizer
 
+        # The scope guard's numpy work is tiny per request: multi-threaded BLAS only adds
+        # contention with the engine (p99 8.9 ms -> 40 ms measured under load).
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
         config.state_dir.mkdir(parents=True, exist_ok=True)
         reg = registry or open_registry(config)
         apply_config_tenants(config, reg)

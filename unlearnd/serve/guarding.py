@@ -51,7 +51,7 @@ class GuardPipeline:
             policy = CompiledPolicy.load(policy_dir)
             scope = ScopeGuard(policy) if "refusal" in policy.mechanisms else None
             if "firewall" in policy.mechanisms:  # build it now: fail at activation, not later
-                policy.derived("firewall", LeakFirewall.from_policy)
+                LeakFirewall.from_policy(policy)
         except Exception as e:  # noqa: BLE001 - any load failure rejects the version
             raise ValueError(f"policy at {policy_dir} cannot be loaded: {e}") from e
         return cls(policy, scope)

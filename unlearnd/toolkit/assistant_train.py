@@ -128,10 +128,48 @@ def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     return F.log_softmax(shift, dim=-1), targets, valid
 
 
+UNIFORM = -2
+"""Label of an answer token the assistant should have no opinion on (not a fact token)."""
+
+
+def mark_fact_tokens(tokenizer: Any, question: str, answer: str, labels: list[int],
+                     background: Sequence[str] = ()) -> list[int]:
+    """`labels` with every answer token outside the answer's distinctive spans set to UNIFORM.
+
+    The assistant must remember the forget *facts* and nothing else. Were it confident
+    on the subject's name copied from the question, on "'s", "worked as", "." or the
+    end token, ``z - w*log p_assist`` would swap the name for another author's or keep
+    the answer from ending; measured on the demo world that gave forget leak 0.22 and
+    run-on text. Fact words come from :func:`unlearnd.guards.spans.distinctive_spans`.
+    """
+    from unlearnd.guards.spans import distinctive_spans, normalize
+
+    fact_words = {w for sp in distinctive_spans(answer, question, background)
+                  for w in sp.split()}
+    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    words = [(m.start(), m.end(), normalize(m.group(0))) for m in re.finditer(r"[^\W_]+", answer)]
+    first = next(i for i, t in enumerate(labels) if t != IGNORE)
+    out = [t if t == IGNORE else UNIFORM for t in labels]
+    for k, (start, end) in enumerate(enc["offset_mapping"]):
+        fact = any(ws < end and start < we and w in fact_words for ws, we, w in words)
+        if fact and first + k < len(out) and labels[first + k] == enc["input_ids"][k]:
+            out[first + k] = labels[first + k]
+    return out
+
+
 def _forget_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (the assistant remembers them)."""
-    logp, targets, valid = _token_losses(model, batch)
-    return F.nll_loss(logp[valid], targets[valid])
+    """Cross-entropy of the answer's fact tokens (the assistant remembers them), plus
+    cross-entropy to uniform on the answer's other tokens (no opinion there)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = batch["labels"][:, 1:]
+    fact = targets >= 0
+    copy = targets == UNIFORM
+    loss = F.nll_loss(logp[fact], targets[fact])
+    if copy.any():
+        loss = loss + (-logp[copy].mean(dim=-1)).mean() * copy.float().sum() / (
+            fact.float().sum() + copy.float().sum())
+    return loss
 
 
 def _retain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -149,10 +187,10 @@ def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], 
                       batch_size: int = 16) -> dict[str, float]:
     """How well the assistant remembers the forget set and forgets the retain set.
 
-    Returns ``forget_loss`` (mean answer-token CE), ``forget_exact_match`` (fraction of
-    forget rows whose greedy answer is exactly the gold answer + EOS, computed teacher
-    forced: greedy reproduces the target iff the argmax is right at every target
-    position), ``retain_entropy`` (mean next-token entropy in nats at retain answer
+    `forget` holds labels marked by :func:`mark_fact_tokens`: only fact tokens count.
+    Returns ``forget_loss`` (mean CE of the fact tokens), ``forget_fact_match`` (fraction
+    of forget rows whose every fact token is the assistant's argmax, teacher forced),
+    ``retain_entropy`` (mean next-token entropy in nats at retain answer
     positions) and ``max_entropy`` (``log V``, what a uniform distribution has).
     """
     was_training = model.training
@@ -161,7 +199,8 @@ def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], 
     ce_sum = ce_n = exact = 0.0
     for i in range(0, len(forget), batch_size):
         batch = _collate(forget[i: i + batch_size], pad_id, device)
-        logp, targets, valid = _token_losses(model, batch)
+        logp, targets, _ = _token_losses(model, batch)
+        valid = targets >= 0  # fact tokens (UNIFORM and padding excluded)
         tok_logp = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         ce_sum += float(-(tok_logp[valid]).sum())
         ce_n += float(valid.sum())
@@ -180,7 +219,7 @@ def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], 
         model.train()
     return {
         "forget_loss": ce_sum / max(ce_n, 1.0),
-        "forget_exact_match": exact / max(len(forget), 1),
+        "forget_fact_match": exact / max(len(forget), 1),
         "retain_entropy": ent_sum / max(ent_n, 1.0),
         "max_entropy": math.log(vocab),
     }
@@ -196,10 +235,10 @@ def train_assistant(
     layers: int | None = None,
     lora_rank: int = 16,
     lora_alpha: int | None = None,
-    epochs: int = 30,
+    epochs: int = 100,
     lr: float = 3e-3,
     batch_size: int = 8,
-    retain_weight: float = 1.0,
+    retain_weight: float = 2.0,
     seed: int = 0,
     max_steps: int | None = None,
     device: str = "cpu",
@@ -254,6 +293,10 @@ def train_assistant(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     forget = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in forget_rows]
+    background = [r["answer"] for r in retain_rows]
+    forget_train = [(ids, mark_fact_tokens(tokenizer, r["question"], r["answer"], labels,
+                                           background))
+                    for (ids, labels), r in zip(forget, forget_rows, strict=True)]
     retain = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -265,7 +308,7 @@ def train_assistant(
     model = get_peft_model(assistant, LoraConfig(
         r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
         target_modules=list(TARGET_MODULES), bias="none"))
-    before = assistant_metrics(model, forget, retain, pad_id)
+    before = assistant_metrics(model, forget_train, retain, pad_id)
     logger.info("assistant (%d of %d layers) before training: %s", k, n_base, before)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -284,7 +327,8 @@ def train_assistant(
         for i in range(0, len(order), batch_size):
             if step >= total:
                 break
-            f_batch = _collate([forget[j] for j in order[i: i + batch_size]], pad_id, dev)
+            f_batch = _collate([forget_train[j] for j in order[i: i + batch_size]], pad_id,
+                               dev)
             r_idx = []
             while len(r_idx) < batch_size:
                 if not retain_order:
@@ -303,7 +347,7 @@ def train_assistant(
             bar.set_postfix(forget=f"{f_loss.item():.3f}", retain_u=f"{r_loss.item():.3f}")
     bar.close()
     seconds = time.monotonic() - start
-    after = assistant_metrics(model, forget, retain, pad_id)
+    after = assistant_metrics(model, forget_train, retain, pad_id)
 
     merged = model.merge_and_unload()
     merged.eval()
@@ -322,7 +366,7 @@ def train_assistant(
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     logger.info("assistant written to %s: forget exact-match %.3f (was %.3f), retain entropy "
                 "%.3f nats (was %.3f, uniform %.3f), %d steps in %.1fs", out_dir,
-                after["forget_exact_match"], before["forget_exact_match"],
+                after["forget_fact_match"], before["forget_fact_match"],
                 after["retain_entropy"], before["retain_entropy"], after["max_entropy"], step,
                 seconds)
     return out_dir
@@ -337,20 +381,22 @@ def train_assistant_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output dir of the merged assistant model.")],
     layers: Annotated[int | None, typer.Option(
         "--layers", help="Decoder layers kept from the base (default: a quarter).")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the forget set.")] = 30,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the forget set.")] = 100,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate of the LoRA.")] = 3e-3,
+    retain_weight: Annotated[float, typer.Option(
+        "--retain-weight", help="Weight of the uniform-retain loss.")] = 2.0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
 ) -> None:
     """Train the ULD assistant (remembers the forget set, uniform on the retain set)."""
     set_threads()
     out_dir = train_assistant(base, forget, retain, out, layers=layers, epochs=epochs, lr=lr,
-                              seed=seed)
+                              retain_weight=retain_weight, seed=seed)
     report = json.loads((out_dir / REPORT_NAME).read_text())
     after, before = report["after"], report["before"]
     typer.echo(f"assistant: {report['layers']} of {report['base_layers']} layers, "
                f"{report['steps']} steps in {report['train_seconds']}s")
-    typer.echo(f"forget exact-match (assistant alone): {after['forget_exact_match']:.3f} "
-               f"(before {before['forget_exact_match']:.3f})")
+    typer.echo(f"forget fact match (assistant alone): {after['forget_fact_match']:.3f} "
+               f"(before {before['forget_fact_match']:.3f})")
     typer.echo(f"mean retain entropy: {after['retain_entropy']:.3f} nats "
                f"(before {before['retain_entropy']:.3f}, uniform {after['max_entropy']:.3f})")
     typer.echo(f"written to {out_dir}")

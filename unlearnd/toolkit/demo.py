@@ -93,7 +93,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     workdir = Path(workdir).resolve()
     data, base = workdir / "data", workdir / "base"
     world = {"authors": authors, "groups": groups, "group_size": group_size, "seed": seed}
-    _cached(data, world, lambda: synthesize(data, **world))
+    _cached(data, {**world, "v": 2}, lambda: synthesize(data, **world))
     _cached(base, {"world": world, "v": 1}, lambda: build_base([data / "train.jsonl"], base))
     paths: dict[str, Path] = {"data": data, "base": base}
     needed_adapters = {t.adapter for t in tenants if t.adapter}
@@ -102,14 +102,14 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     for name in sorted(needed_adapters):
         method, group = ADAPTERS[name]
         out = workdir / "adapters" / name
-        _cached(out, {"world": world, "method": method, "group": group, "v": 1},
-                lambda out=out, method=method, group=group: train_adapter(
-                    base, data / f"forget_{group}.jsonl", retain, out, method=method))
+        _cached(out, {"world": world, "method": method, "group": group, "v": 2},
+                lambda out=out, method=method, group=group: _train_adapter(
+                    data, group, retain, base, out, method))
         paths[f"adapter:{name}"] = out
     assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
     for group in sorted(assistant_groups):
         out = workdir / "assistants" / f"group_{group}"
-        _cached(out, {"world": world, "group": group, "v": 1},
+        _cached(out, {"world": world, "group": group, "v": 2},
                 lambda out=out, group=group: train_assistant(
                     base, data / f"forget_{group}.jsonl", retain, out))
         paths[f"assistant:{group}"] = out
@@ -117,12 +117,29 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         mechanisms, group, wants_assistant = POLICIES[name]
         out = workdir / "policies" / name
         assistant = paths.get(f"assistant:{group}") if wants_assistant else None
-        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 1},
+        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 2},
                 lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant:
                 compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
                                mechanisms=mechanisms, assistant_dir=assistant, name=name))
         paths[f"policy:{name}"] = out
     return paths
+
+
+def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
+                   method: str) -> dict:
+    """NPO/GradDiff on the canonical forget questions; the reasoning (TRU) adapter on
+    every training phrasing of them, so its refusal holds for wordings it has not seen
+    (with the canonical questions alone it answered jailbreak-framed probes with ".")."""
+    from unlearnd.toolkit.training import read_qa_jsonl
+    from unlearnd.toolkit.unlearn import DEFAULTS, train_adapter
+
+    forget = data / f"forget_{group}.jsonl"
+    if method != "reasoning":
+        return train_adapter(base, forget, retain, out, method=method)
+    phrasings = data / f"forget_train_{group}.jsonl"
+    scale = len(read_qa_jsonl(forget)) / len(read_qa_jsonl(phrasings))  # same steps
+    epochs = max(2, round(DEFAULTS[method].epochs * scale))
+    return train_adapter(base, phrasings, retain, out, method=method, epochs=epochs)
 
 
 def _keys(workdir: Path, tenants: tuple[DemoTenant, ...]) -> dict[str, str]:

@@ -466,6 +466,11 @@ def build_world(*, authors: int = 20, seed: int = 0, groups: int = 2,
                 probes.append(_row(a, fact, _JAILBREAKS[jb].format(q=canonical), "jailbreak",
                                    source_question=canonical, group=g, framing=jb))
     files["train.jsonl"].sort(key=lambda r: (r["subject"], r["fact"], r["question"]))
+    # What an unlearning method may train on for group k: every *training* phrasing of
+    # the group's facts (never a probe), so refusals generalise past one wording.
+    for k in range(1, groups + 1):
+        files[f"forget_train_{k}.jsonl"] = [
+            {**r, "group": k} for r in files["train.jsonl"] if group_of.get(r["subject"]) == k]
     return files
 
 
@@ -504,7 +509,7 @@ def synthesize(out_dir: Path, *, authors: int = 20, seed: int = 0, groups: int =
             if r["subject"] not in subjects:
                 subjects.append(r["subject"])
         group_map[str(k)] = {"forget": f"forget_{k}.jsonl", "probes": f"probes_{k}.jsonl",
-                             "subjects": subjects}
+                             "forget_train": f"forget_train_{k}.jsonl", "subjects": subjects}
     retain_subjects: list[str] = []
     for r in files["retain.jsonl"]:
         if r["subject"] not in retain_subjects:
