@@ -22,8 +22,15 @@ timings are the median of ``time.perf_counter`` over repeats.
     python benchmarks/bench_contrastive.py --device cpu --rows 1 8 32 --threads 2
 
 The in-place kernel is timed on the same buffer call after call (values drift; the
-work per call does not depend on them). The end-to-end part (serving demo
-throughput) is not in this script yet.
+work per call does not depend on them).
+
+End to end (`--e2e DEMO_JSON`, against a running `unlearnd demo`): the same concurrent
+chat mix (the contrastive tenant's forget + retain questions, greedy, non-streaming)
+sent to a contrastive tenant and to the no-policy tenant in alternating rounds
+(A B B A ...); prints output tokens/s of each and their ratio (goal >= 0.7 with an
+assistant of a quarter of the base's layers):
+
+    python benchmarks/bench_contrastive.py --e2e work/demo/demo.json
 """
 
 from __future__ import annotations
@@ -72,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU repeats per point (default: enough for ~1 s, at least 3)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--e2e", metavar="DEMO_JSON", help="end-to-end mode against a running demo")
+    p.add_argument("--e2e-tenant", default="cyberdyne", help="contrastive tenant")
+    p.add_argument("--e2e-baseline", default="public", help="no-policy tenant")
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument(
         "--copy-mib",
         type=int,
@@ -189,8 +203,63 @@ def bench_rows(
     return compiled
 
 
+def e2e(args: argparse.Namespace) -> int:
+    """Tokens/s of a contrastive tenant as a ratio to a no-policy tenant, same run."""
+    import asyncio
+    import json
+
+    from openai import AsyncOpenAI
+
+    doc = json.loads(Path(args.e2e).read_text())
+    tenants = doc["tenants"]
+    tenant, baseline = args.e2e_tenant, args.e2e_baseline
+    if "contrastive" not in tenants[tenant]["mechanisms"]:
+        raise SystemExit(f"tenant {tenant} is not in contrastive mode: "
+                         f"{tenants[tenant]['mechanisms']}")
+    qs = []
+    for key in ("forget", "retain"):
+        lines = Path(tenants[tenant][key]).read_text().splitlines()
+        qs += [json.loads(line)["question"] for line in lines if line.strip()]
+    qs = (qs * (args.requests // max(len(qs), 1) + 1))[: args.requests]
+
+    async def round_(name: str) -> tuple[float, int]:
+        client = AsyncOpenAI(base_url=doc["base_url"], api_key=tenants[name]["api_key"],
+                             max_retries=0, timeout=600)
+        sem = asyncio.Semaphore(args.concurrency)
+
+        async def one(q: str) -> int:
+            async with sem:
+                r = await client.chat.completions.create(
+                    model=doc.get("model", "m"), temperature=0, max_tokens=args.max_tokens,
+                    messages=[{"role": "user", "content": q}])
+                return r.usage.completion_tokens
+
+        t0 = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(q) for q in qs)))
+        return time.perf_counter() - t0, tokens
+
+    results: dict[str, list[float]] = {tenant: [], baseline: []}
+    order = [baseline, tenant]
+    for r in range(args.rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            secs, tokens = asyncio.run(round_(name))
+            results[name].append(tokens / secs)
+            print(f"round {r + 1} {name:12s} {tokens:6d} tokens {secs:7.2f} s "
+                  f"{tokens / secs:8.1f} tok/s")
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\n{'tenant':12s} {'mechanisms':28s} {'tok/s (median)':>15s}")
+    for name in (baseline, tenant):
+        print(f"{name:12s} {'+'.join(tenants[name]['mechanisms']) or 'none':28s} "
+              f"{med[name]:15.1f}")
+    ratio = med[tenant] / med[baseline]
+    print(f"ratio contrastive / no-policy: {ratio:.2f} (goal >= 0.7)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.e2e:
+        return e2e(args)
     logging.basicConfig(level=logging.WARNING)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

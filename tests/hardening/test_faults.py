@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.serve.fakes import (
-    EngineFailure,
     FakeEngine,
     RunningApp,
     base_vocab_size,
@@ -159,7 +158,7 @@ def test_store_adapter_removed_then_reactivation_is_refused(tmp_path: Path) -> N
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/tenancy.py:190 (sync_from_registry -> install -> build): at start "
+    "BUG unlearnd/serve/tenancy.py:156-167 (sync_from_registry -> install -> build): at start "
     "(or on a poll) a version whose store copy no longer loads raises out of the lifespan, "
     "so the whole server fails to start for one tenant's broken artifact; catch it per "
     "tenant, install a fail-closed ServingPolicy (requests -> 503 'policy cannot be "
@@ -241,7 +240,7 @@ def test_registry_read_only_admin_503_serving_continues(tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:248-251 (health): /health only reads the registry "
+    "BUG unlearnd/serve/app.py:250-257 (health): /health only reads the registry "
     "(generation()), so a registry that cannot be written reports ok; probe writability "
     "too (e.g. `BEGIN IMMEDIATE; ROLLBACK` with a short timeout on a second connection, "
     "or remember the last write error for N seconds) and report 'registry: not writable'"))
@@ -256,7 +255,7 @@ def test_health_reports_unwritable_registry(tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:190 (_auth middleware) + tenancy.py:69 (tenant_for_key): "
+    "BUG unlearnd/serve/app.py:194 (_auth middleware) + tenancy.py:71 (tenant_for_key): "
     "every request reads the registry to resolve its key, so when the registry database "
     "cannot be read the RegistryError escapes the middleware as a 500 for every tenant; "
     "keep an in-memory key-hash -> Tenant map refreshed by sync_from_registry and fall "

@@ -55,7 +55,7 @@ TARGETS = ("/v1/", "/admin/", "/health", "/metrics")
 # body's own format instead of content-type conformance.
 UNDOCUMENTED = {"text/event-stream", "text/plain"}
 SCHEMA_BUG = (
-    "BUG unlearnd/serve/app.py:217-223 and :253: the OpenAPI schema documents only "
+    "BUG unlearnd/serve/app.py:232-239 and :260: the OpenAPI schema documents only "
     "application/json, but chat/completions with stream=true answer text/event-stream "
     "and /metrics answers Prometheus text/plain; declare them, e.g. "
     "`@app.post(\"/v1/chat/completions\", responses={200: {\"content\": "
@@ -200,6 +200,9 @@ def test_fuzz_no_5xx_and_schema_conformance(fuzz_app, mode: GenerationMode) -> N
     print(f"\nfuzz {mode}: {total} requests over {len(seen)} operations")
     for label, counts in sorted(seen.items()):
         print(f"  {label}: {dict(sorted(counts.items()))}")
+    slowest = sorted(((v, k) for k, v in TIMES.items() if k.startswith(str(mode))),
+                     reverse=True)[:3]
+    print("  slowest:", ", ".join(f"{k} {v:.1f} s" for v, k in slowest))
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
     statuses = {s for counts in seen.values() for s in counts}
     assert all(s < 500 for s in statuses), seen
@@ -238,8 +241,3 @@ def test_schema_documents_media_types(fuzz_app) -> None:
             missing.append(f"{method.upper()} {path}: {media} (documented: {sorted(content)})")
     if missing:
         pytest.fail("; ".join(missing), pytrace=False)
-
-
-def test_zz_times() -> None:
-    for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1])[:8]:
-        print(f"{v:6.2f} s  {k}")

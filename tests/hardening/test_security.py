@@ -85,7 +85,7 @@ def test_chunked_body_over_limit_is_413(app) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:165 (_auth middleware): a chunked body is read whole "
+    "BUG unlearnd/serve/app.py:175 (_auth middleware): a chunked body is read whole "
     "(`await request.body()`) before its size is compared with max_body_bytes, so a "
     "client can make the server buffer an unbounded body; read `request.stream()` "
     "and answer 413 as soon as the running total passes the limit"))
@@ -415,7 +415,7 @@ def test_paths_outside_roots_are_403(rooted, how: str) -> None:
     "an artifact root can pull any file the server can read (here outside the roots) "
     "into the store; reject artifacts containing symlinks (os.walk + is_symlink -> "
     "ArtifactError 403 path_not_allowed) or copy with symlinks=True and refuse links "
-    "whose resolved target leaves the root; same in registry_pg.py"))
+    "whose resolved target leaves the root"))
 def test_symlinked_file_inside_an_allowed_dir_is_rejected(rooted) -> None:
     app, allowed, outside = rooted
     secret = outside / "token.txt"
@@ -567,7 +567,7 @@ def test_wrong_key_errors_are_identical_and_name_no_tenant(app) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:248 (health): unauthenticated /health returns "
+    "BUG unlearnd/serve/app.py:257 (health): unauthenticated /health returns "
     "\"tenants\": <count>, telling anyone how many tenants the server has; drop the "
     "field (probes need only status/problems) or return it only with the admin key"))
 def test_health_reveals_no_tenant_count(app) -> None:

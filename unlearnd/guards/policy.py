@@ -600,6 +600,18 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
             cond = _conditional(sp, alias_words, spec.firewall_conditioning)
             for ids in _token_ids(tokenizer, _variants(surfaces)):
                 span_ids.append({"item": i, "text": sp, "ids": ids, "conditional": cond})
+            # Each content word of a multi-word span is also a conditional span of its
+            # own: once the subject is in the conversation, "23 April 1979" for
+            # "23 October 1979" or "Golden Compass" for "Evergreen Compass" still leaks
+            # most of the fact (measured: firewall-alone leak 0.22 -> see README).
+            span_words = sp.split()
+            if len(span_words) > 1 and spec.firewall_conditioning != "always":
+                for w in span_words:
+                    if w in STOPWORDS or (len(w) < 2 and not w.isdigit()):
+                        continue
+                    for ids in _token_ids(tokenizer, _variants(surface_forms(w, texts) or [w])):
+                        span_ids.append({"item": i, "text": w, "ids": ids,
+                                         "conditional": True})
 
     embedding: dict[str, Any] | None = None
     if spec.embedder != "none":
