@@ -228,7 +228,6 @@ def test_fuzz_left_the_registry_consistent(fuzz_app) -> None:
         assert r.json()["data"][0]["unlearning"]["tenant"] == tenant
 
 
-@pytest.mark.xfail(strict=True, reason=SCHEMA_BUG)
 def test_schema_documents_media_types(fuzz_app) -> None:
     schema, _ = fuzz_app
     paths = schema.app.openapi()["paths"]

@@ -322,7 +322,6 @@ WIRING = ("NOT WIRED: unlearnd/serve/config.py LimitsConfig needs tenant_request
           "the lifespan and call check_and_acquire in _serve (see docs/RELIABILITY.md)")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_app_rate_limit_429_with_retry_after(tmp_path: Path) -> None:
     config = make_config(tmp_path / "state", limits={"tenant_requests_per_s": 0.01,
                                                      "tenant_burst": 2})
@@ -341,7 +340,6 @@ def test_app_rate_limit_429_with_retry_after(tmp_path: Path) -> None:
         assert len(app.engine.calls) == n + 1  # only the admitted request reached it
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_app_concurrency_limit_429_and_slot_freed_after_stream(tmp_path: Path) -> None:
     config = make_config(tmp_path / "state", limits={"tenant_max_concurrent": 1})
     with running_app(config) as app:
@@ -409,13 +407,6 @@ def test_paths_outside_roots_are_403(rooted, how: str) -> None:
                           headers=app.admin).json()["data"] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/registry.py:581 (SQLiteRegistry.add_version): "
-    "shutil.copytree(src, ...) follows symlinks inside an artifact dir, so a dir under "
-    "an artifact root can pull any file the server can read (here outside the roots) "
-    "into the store; reject artifacts containing symlinks (os.walk + is_symlink -> "
-    "ArtifactError 403 path_not_allowed) or copy with symlinks=True and refuse links "
-    "whose resolved target leaves the root"))
 def test_symlinked_file_inside_an_allowed_dir_is_rejected(rooted) -> None:
     app, allowed, outside = rooted
     secret = outside / "token.txt"
@@ -566,10 +557,6 @@ def test_wrong_key_errors_are_identical_and_name_no_tenant(app) -> None:
     assert not _names_other_than(texts.pop(), "")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:257 (health): unauthenticated /health returns "
-    "\"tenants\": <count>, telling anyone how many tenants the server has; drop the "
-    "field (probes need only status/problems) or return it only with the admin key"))
 def test_health_reveals_no_tenant_count(app) -> None:
     body = app.client.get("/health").json()
     assert body["status"] == "ok"
@@ -588,11 +575,6 @@ def test_metrics_is_an_operator_endpoint_that_names_tenants(app) -> None:
     assert 'tenant="globex"' in text and v["name"] in text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PROPOSAL unlearnd/serve/config.py + app.py: ServerConfig.metrics_key (and "
-    "metrics_key_env); when set, /metrics requires `Authorization: Bearer <metrics "
-    "key>` (Prometheus `authorization` scrape config), compared with hmac.compare_digest; "
-    "tenant keys get 403"))
 def test_metrics_requires_its_key_when_configured(tmp_path: Path) -> None:
     config = make_config(tmp_path / "state", metrics_key="metrics-key-0123456789")
     with running_app(config) as app:

@@ -89,6 +89,7 @@ async def create_tenant(body: CreateTenant, request: Request) -> dict:
 async def delete_tenant(tenant: str, request: Request) -> dict:
     st = _state(request)
     _registry_call(st.registry.delete_tenant, tenant, actor="admin")
+    st.limiter.forget(tenant)
     await st.router.sync_from_registry()
     return {"deleted": tenant}
 

@@ -18,13 +18,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from unlearnd.serve import admin
 from unlearnd.serve.artifacts import ArtifactError, BaseModelSpec
 from unlearnd.serve.config import ServerConfig
 from unlearnd.serve.engine import EngineClient, VllmEngine, make_identity_adapter
+from unlearnd.serve.limits import TenantLimiter, wrap_stream
 from unlearnd.serve.metrics import UnlearndMetrics
 from unlearnd.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from unlearnd.serve.registry import Registry, RegistryError, SQLiteRegistry, Tenant
@@ -45,6 +46,8 @@ class AppState:
     admin_key: str | None
     swap_lock: asyncio.Lock
     started: float
+    limiter: TenantLimiter
+    metrics_key: str | None
 
 
 def _bearer(request: Request) -> str | None:
@@ -124,7 +127,9 @@ def build_app(config: ServerConfig,
         serving = Serving(engine, router, tokenizer, metrics, max_tokens_limit=lim.max_tokens,
                           max_messages=lim.max_messages, max_n=lim.max_n)
         app.state.unlearnd = AppState(config, reg, engine, router, serving, metrics,
-                                      config.resolve_admin_key(), asyncio.Lock(), time.time())
+                                      config.resolve_admin_key(), asyncio.Lock(), time.time(),
+                                      TenantLimiter.from_config(config.limits, config.tenants),
+                                      config.resolve_metrics_key())
         poller = asyncio.create_task(_poll_registry(app.state.unlearnd))
         logger.info("unlearnd serving %s with %d tenants", config.model_name,
                     len(reg.list_tenants()))
@@ -141,7 +146,8 @@ def build_app(config: ServerConfig,
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -167,17 +173,34 @@ def build_app(config: ServerConfig,
     async def _auth(request: Request, call_next: Any) -> Response:
         path = request.url.path
         st: AppState | None = getattr(request.app.state, "unlearnd", None)
-        if st is None or path in ("/health", "/metrics", "/docs", "/openapi.json"):
+        if st is None or path in ("/health", "/docs", "/openapi.json"):
             return await call_next(request)
+        key = _bearer(request)
+        if path == "/metrics":
+            if st.metrics_key is None or (
+                    key and hmac.compare_digest(key.encode(), st.metrics_key.encode())):
+                return await call_next(request)
+            if key and st.registry.tenant_for_key(key) is not None:
+                return JSONResponse(error_body("tenant keys cannot read /metrics",
+                                               "permission_error"), status_code=403)
+            return JSONResponse(error_body("/metrics needs the metrics key",
+                                           "authentication_error", code="invalid_api_key"),
+                                status_code=401)
         limit = st.config.limits.max_body_bytes
         length = request.headers.get("content-length")
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            length = str(len(await request.body()))  # chunked: count what arrived
-        if length and length.isdigit() and int(length) > limit:
-            return JSONResponse(error_body(
-                f"request body of {length} bytes exceeds the limit of {limit}"),
-                status_code=413)
-        key = _bearer(request)
+        too_big = JSONResponse(error_body(
+            f"request body exceeds the limit of {limit} bytes"), status_code=413)
+        if length is not None:
+            if length.isdigit() and int(length) > limit:
+                return too_big
+        elif request.method in ("POST", "PUT", "PATCH"):
+            # Chunked: read up to the limit, never more, then hand the body on.
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return too_big
+            request._body = bytes(body)
         if path.startswith("/admin"):
             if key is None:
                 return JSONResponse(error_body("missing API key (Authorization: Bearer ...)",
@@ -216,24 +239,41 @@ def build_app(config: ServerConfig,
         st: AppState = request.app.state.unlearnd
         tenant: Tenant = request.state.tenant
         fn = st.serving.chat if kind == "chat" else st.serving.completion
+        release = None
         try:
+            release = st.limiter.check_and_acquire(tenant.name)  # 429 before any work
             result, sp = await fn(req, tenant, request.is_disconnected)
         except APIError as e:
-            outcome = ("guard_error" if e.code == "guard_failed" else "aborted"
+            if release is not None:
+                release()
+            outcome = ("rate_limited" if e.status == 429 else "guard_error"
+                       if e.code == "guard_failed" else "aborted"
                        if e.status == 499 else "client_error" if e.status < 500
                        else "engine_error")
             st.metrics.requests.labels(tenant.name, kind, outcome).inc()
-            return JSONResponse(e.body(), status_code=e.status if e.status != 499 else 400)
+            return JSONResponse(e.body(), status_code=e.status if e.status != 499 else 400,
+                                headers=getattr(e, "headers", None))
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         headers = {POLICY_HEADER: sp.version or "none"}
         if req.stream:
-            return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+            return StreamingResponse(wrap_stream(result, release),
+                                     media_type="text/event-stream", headers=headers)
+        release()
         return JSONResponse(result, headers=headers)
 
-    @app.post("/v1/chat/completions")
+    streamed = {200: {"description": "A completion (JSON), or with stream=true an SSE "
+                      "stream of chunks ending with `data: [DONE]`.",
+                      "content": {"application/json": {"schema": {"type": "object"}},
+                                  "text/event-stream": {"schema": {"type": "string"}}}}}
+
+    @app.post("/v1/chat/completions", responses=streamed)
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         return await _serve(request, req, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=streamed)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         return await _serve(request, req, "completions")
 
@@ -253,11 +293,13 @@ def build_app(config: ServerConfig,
             st.registry.generation()
         except Exception as e:  # noqa: BLE001
             problems.append(f"registry: {e}")
-        body = {"status": "ok" if not problems else "unhealthy", "problems": problems,
-                "tenants": len(st.router.active_versions())}
+        broken = st.router.broken_tenants()
+        if broken:  # those tenants get 503 (never unguarded); the others are served
+            problems.append(f"{len(broken)} tenant policies cannot be loaded")
+        body = {"status": "ok" if not problems else "unhealthy", "problems": problems}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prom() -> Response:
         data = generate_latest(REGISTRY)
         if metrics.registry is not REGISTRY:

@@ -65,6 +65,9 @@ class TenantConfig(BaseModel):
     api_key_env: str | None = Field(None, description="Environment variable holding the key.")
     adapter: Path | None = Field(None, description="PEFT LoRA adapter dir to activate.")
     policy: Path | None = Field(None, description="Compiled policy dir to activate.")
+    requests_per_s: float | None = Field(None, gt=0, description="This tenant's rate limit.")
+    burst: int | None = Field(None, ge=1, description="This tenant's burst size.")
+    max_concurrent: int | None = Field(None, ge=1, description="This tenant's concurrency cap.")
 
     def resolve_key(self) -> str:
         if self.api_key:
@@ -87,6 +90,11 @@ class LimitsConfig(BaseModel):
     max_messages: int = Field(256, ge=1)
     max_tokens: int = Field(4096, ge=1)
     max_n: int = Field(8, ge=1)
+    tenant_requests_per_s: float | None = Field(None, gt=0, description="Default per-tenant "
+                                                "rate limit (429 + Retry-After past it).")
+    tenant_burst: int | None = Field(None, ge=1, description="Default token-bucket size.")
+    tenant_max_concurrent: int | None = Field(None, ge=1, description="Default per-tenant "
+                                              "cap on requests in flight.")
 
 
 class ServerConfig(BaseModel):
@@ -106,6 +114,9 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     admin_key: str | None = None
     admin_key_env: str | None = "UNLEARND_ADMIN_KEY"
+    metrics_key: str | None = Field(None, description="When set, /metrics needs "
+                                    "`Authorization: Bearer <metrics key>` (it names tenants).")
+    metrics_key_env: str | None = "UNLEARND_METRICS_KEY"
     drain_timeout_s: float = Field(60.0, gt=0, description="Max wait before releasing a "
                                    "swapped-out adapter that still has requests.")
     artifact_roots: list[Path] = Field(default_factory=list, description="Admin-registered "
@@ -137,6 +148,10 @@ class ServerConfig(BaseModel):
         if self.database_url_env:
             return os.environ.get(self.database_url_env) or None
         return None
+
+    def resolve_metrics_key(self) -> str | None:
+        return self.metrics_key or (os.environ.get(self.metrics_key_env) or None
+                                    if self.metrics_key_env else None)
 
     def resolve_admin_key(self) -> str | None:
         if self.admin_key:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-OUTCOMES = ("ok", "client_error", "auth_error", "engine_error", "aborted", "guard_error")
+OUTCOMES = ("ok", "client_error", "auth_error", "engine_error", "aborted", "guard_error",
+            "rate_limited")
 DECISIONS = ("in_scope", "out_of_scope", "unguarded")
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -232,6 +232,18 @@ _VERSION_COLUMNS = (
 )
 
 
+def _reject_symlinks(root: Path, label: str) -> None:
+    """Artifacts are copied file by file into the store: a symlink inside one could pull
+    any file the server can read (outside the artifact roots) into it."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                raise RegistryError(403, "path_not_allowed",
+                                    f"{label} contains a symbolic link ({p.relative_to(root)}); "
+                                    "artifacts must be plain files")
+
+
 def _hash_key(api_key: str) -> str:
     """sha256 hex of an API key. Keys are high-entropy random tokens, so a fast hash
     is enough; the plain key is never stored or logged."""
@@ -572,6 +584,8 @@ class SQLiteRegistry(Registry):
         if policy is not None:
             validate_policy_dir(Path(policy))
             parts["policy"] = Path(policy)
+        for label, src in parts.items():
+            _reject_symlinks(src, label)
 
         tmp = self.store_dir / f".tmp-{uuid.uuid4().hex}"
         try:

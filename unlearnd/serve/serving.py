@@ -149,6 +149,10 @@ class Serving:
             raise APIError(400, f"n={req.n} exceeds the server limit {self.max_n}", param="n")
         max_tokens = self._max_tokens(req.requested_max_tokens, len(prompt_ids),
                                       "messages" if endpoint == "chat" else "prompt")
+        if (broken := self.router.current(tenant)).error:  # fail closed, never unguarded
+            raise APIError(503, f"this tenant's policy cannot be served right now "
+                           f"({broken.version}); the request was not served",
+                           code="policy_unavailable")
         sp = self.router.acquire(tenant)
         released = False
 

@@ -34,6 +34,7 @@ class ServingPolicy:
     policy_dir: str | None = None
     guards: Any = None            # unlearnd.guards pipeline for this version (or None)
     mechanisms: tuple[str, ...] = ()
+    error: str | None = None      # set: the version cannot be served; requests get 503
 
 
 @dataclass
@@ -163,13 +164,24 @@ class TenantRouter:
             version = self.registry.active_version(tenant.name)
             cur = self._active.get(tenant.name)
             want = version.name if version else None
-            if cur is None or cur.version != want:
-                await self.install(tenant, version, kind="sync")
+            if cur is None or cur.version != want or cur.error:
+                try:
+                    await self.install(tenant, version, kind="sync")
+                except Exception as e:  # noqa: BLE001 - one tenant's artifact, not the server
+                    logger.error("tenant %s: active version %s cannot be served (%s); its "
+                                 "requests get 503 until it is fixed or swapped",
+                                 tenant.name, want, e)
+                    self._active[tenant.name] = ServingPolicy(
+                        tenant.name, tenant.cache_salt, want, self.identity,
+                        error=f"the active policy version cannot be loaded: {e}")
         known = {t.name for t in self.registry.list_tenants()}
         for name in list(self._active):
             if name not in known:
                 self._schedule_release(self._active.pop(name))
         self.generation_seen = gen
+
+    def broken_tenants(self) -> list[str]:
+        return [name for name, sp in self._active.items() if sp.error]
 
     def active_versions(self) -> dict[str, str | None]:
         return {name: sp.version for name, sp in self._active.items()}
