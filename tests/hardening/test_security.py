@@ -84,11 +84,6 @@ def test_chunked_body_over_limit_is_413(app) -> None:
     assert not app.engine.calls
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:175 (_auth middleware): a chunked body is read whole "
-    "(`await request.body()`) before its size is compared with max_body_bytes, so a "
-    "client can make the server buffer an unbounded body; read `request.stream()` "
-    "and answer 413 as soon as the running total passes the limit"))
 def test_chunked_body_reading_stops_at_the_limit(app) -> None:
     """Drive the ASGI app directly: count the body chunks it pulls before answering."""
     limit = app.config.limits.max_body_bytes
