@@ -128,17 +128,19 @@ def test_firewall_alone_blocks_leaks_keeps_retain(guard_server):
 
     doc = guard_server.doc["tenants"]
     forget = rows(doc["hooli"]["forget"])
+    background = [r["answer"] for r in rows(doc["hooli"]["retain"])]  # as `unlearnd eval`
     leaks_base = sum(is_leak(ask(guard_server, "public", r["question"])[0], r["answer"],
-                             r["question"]) for r in forget)
-    leaks_fw = 0
+                             r["question"], background=background) for r in forget)
+    leaks = []
     suppressed = 0
     for r in forget:
         text, info = ask(guard_server, "hooli", r["question"])
         assert info["decision"] != "in_scope"  # the scope guard is off for this tenant
-        leaks_fw += is_leak(text, r["answer"], r["question"])
+        if is_leak(text, r["answer"], r["question"], background=background):
+            leaks.append((text, r["answer"]))
         suppressed += info["suppressed_tokens"]
     assert leaks_base >= 0.8 * len(forget)
-    assert leaks_fw <= 0.1 * len(forget), (leaks_fw, len(forget))
+    assert len(leaks) <= 0.1 * len(forget), leaks
     assert suppressed > 0
     for r in rows(doc["hooli"]["retain"], 10):
         assert ask(guard_server, "hooli", r["question"])[0] == \

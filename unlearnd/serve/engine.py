@@ -72,6 +72,7 @@ def make_identity_adapter(base_dir: Path, out_dir: Path) -> Path:
     except (OSError, ValueError):
         pass
     final = out_dir
+    final.parent.mkdir(parents=True, exist_ok=True)
     out_dir = Path(tempfile.mkdtemp(prefix=".identity-", dir=final.parent))
     marker = out_dir / "adapter_config.json"
     hidden = cfg["hidden_size"]

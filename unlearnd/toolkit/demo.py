@@ -81,9 +81,40 @@ def _cached(out: Path, params: dict, build: Callable[[], Any]) -> None:
                                 default=str, indent=2))
 
 
+def prepare_user_data(data: Path, forget: Path, retain: Path) -> dict:
+    """Lay out a user's forget/retain QA JSONL (TOFU style) as a one-group world.
+
+    The base model learns both files; the tenants forget `forget`. There are no probes
+    (they are a property of the synthetic world). Returns the manifest.
+    """
+    from unlearnd.toolkit.training import read_qa_jsonl
+
+    data.mkdir(parents=True, exist_ok=True)
+    f_rows, r_rows = read_qa_jsonl(forget), read_qa_jsonl(retain)
+    files = {"forget_1.jsonl": f_rows, "forget_train_1.jsonl": f_rows,
+             "retain.jsonl": r_rows, "train.jsonl": f_rows + r_rows}
+    for name, rows in files.items():
+        (data / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                         for r in rows), encoding="utf-8")
+    manifest = {"source": {"forget": str(forget), "retain": str(retain)},
+                "counts": {k: len(v) for k, v in files.items()},
+                "group_subjects": {"1": {"forget": "forget_1.jsonl", "probes": None,
+                                         "forget_train": "forget_train_1.jsonl"}}}
+    (data / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+USER_DATA_TENANTS = tuple(t for t in TENANTS if t.group in (None, 1))
+
+
 def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size: int = 4,
-                seed: int = 0, tenants: tuple[DemoTenant, ...] = TENANTS) -> dict[str, Path]:
-    """Build (or reuse) every artefact the demo tenants need; returns their paths."""
+                seed: int = 0, tenants: tuple[DemoTenant, ...] = TENANTS,
+                user_data: tuple[Path, Path] | None = None) -> dict[str, Path]:
+    """Build (or reuse) every artefact the demo tenants need; returns their paths.
+
+    `user_data=(forget, retain)`: build from the user's QA files instead of the
+    synthetic world (e.g. TOFU's forget10 + retain sample).
+    """
     from unlearnd.guards.policy import compile_policy
     from unlearnd.toolkit.assistant_train import train_assistant
     from unlearnd.toolkit.build_base import build_base
@@ -92,8 +123,15 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
 
     workdir = Path(workdir).resolve()
     data, base = workdir / "data", workdir / "base"
-    world = {"authors": authors, "groups": groups, "group_size": group_size, "seed": seed}
-    _cached(data, {**world, "v": 2}, lambda: synthesize(data, **world))
+    if user_data is not None:
+        forget, retain_src = (Path(p).resolve() for p in user_data)
+        world: dict[str, Any] = {"forget": str(forget), "retain": str(retain_src),
+                                 "sha": hashlib.sha256(forget.read_bytes()
+                                                       + retain_src.read_bytes()).hexdigest()}
+        _cached(data, world, lambda: prepare_user_data(data, forget, retain_src))
+    else:
+        world = {"authors": authors, "groups": groups, "group_size": group_size, "seed": seed}
+        _cached(data, {**world, "v": 2}, lambda: synthesize(data, **world))
     _cached(base, {"world": world, "v": 1}, lambda: build_base([data / "train.jsonl"], base))
     paths: dict[str, Path] = {"data": data, "base": base}
     needed_adapters = {t.adapter for t in tenants if t.adapter}
@@ -117,7 +155,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         mechanisms, group, wants_assistant = POLICIES[name]
         out = workdir / "policies" / name
         assistant = paths.get(f"assistant:{group}") if wants_assistant else None
-        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 2},
+        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 3},
                 lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant:
                 compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
                                mechanisms=mechanisms, assistant_dir=assistant, name=name))
@@ -161,11 +199,20 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
     data = paths["data"]
     manifest = json.loads((data / "manifest.json").read_text())
     groups = [int(g) for g in manifest["group_subjects"]]
-    union = {}
+    union: dict[str, Path | None] = {}
     for kind in ("forget", "probes"):
+        parts = [data / f"{kind}_{g}.jsonl" for g in groups]
+        if not all(p.is_file() for p in parts):
+            union[kind] = None  # user data: no probes
+            continue
         out = workdir / f"{kind}_all.jsonl"
-        out.write_text("".join((data / f"{kind}_{g}.jsonl").read_text() for g in groups))
+        out.write_text("".join(p.read_text() for p in parts))
         union[kind] = out
+
+    def group_file(kind: str, group: int | None) -> str | None:
+        path = union[kind] if group is None else data / f"{kind}_{group}.jsonl"
+        return str(path) if path is not None and Path(path).is_file() else None
+
     cfg = ServerConfig.model_validate({
         "model": str(paths["base"]),
         "served_model_name": "unlearnd-demo",
@@ -187,10 +234,8 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
             t.name: {
                 "api_key": keys[t.name],
                 "mechanisms": list(t.mechanisms),
-                "forget": str(union["forget"] if t.group is None
-                              else data / f"forget_{t.group}.jsonl"),
-                "probes": str(union["probes"] if t.group is None
-                              else data / f"probes_{t.group}.jsonl"),
+                "forget": group_file("forget", t.group),
+                "probes": group_file("probes", t.group),
                 "retain": str(data / "retain.jsonl"),
             } for t in tenants},
     }
@@ -198,7 +243,8 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
 
 
 def evaluate_demo(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
-                  concurrency: int = 8) -> dict[str, dict]:
+                  concurrency: int = 8, extra: dict[str, Path] | None = None
+                  ) -> dict[str, dict]:
     """Run `unlearnd eval` for each demo tenant; writes reports, a table and a chart."""
     from unlearnd.toolkit.evaluate import compare_markdown, evaluate, plot_reports
 
@@ -207,8 +253,11 @@ def evaluate_demo(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
     for name, t in doc["tenants"].items():
         if tenants and name not in tenants:
             continue
-        sets = {"forget": (t["forget"], "forget"), "probes": (t["probes"], "probes"),
-                "retain": (t["retain"], "retain")}
+        sets = {"forget": (t["forget"], "forget"), "retain": (t["retain"], "retain")}
+        if t.get("probes"):
+            sets["probes"] = (t["probes"], "probes")
+        for extra_name, path in (extra or {}).items():
+            sets[extra_name] = (str(path), "extra")
         report = evaluate(doc["base_url"], t["api_key"], sets, concurrency=concurrency,
                           out=out_dir / f"{name}.json")
         report["mechanisms"] = t["mechanisms"]
@@ -228,6 +277,13 @@ def demo_cmd(
     = False,
     exit_after_eval: Annotated[bool, typer.Option(
         "--exit-after-eval", help="Stop the server once --eval has finished.")] = False,
+    forget: Annotated[Path | None, typer.Option(
+        "--forget", help="Your forget set (QA JSONL, TOFU style) instead of the synthetic "
+        "world; needs --retain.")] = None,
+    retain: Annotated[Path | None, typer.Option(
+        "--retain", help="Your retain set (QA JSONL).")] = None,
+    extra: Annotated[list[str] | None, typer.Option(
+        "--extra", help="NAME=FILE utility set for --eval (repeatable).")] = None,
 ) -> None:
     """Build the demo world on first run (cached after), then serve it with its tenants."""
     import uvicorn
@@ -237,8 +293,18 @@ def demo_cmd(
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    paths = build_world(workdir)
-    cfg, doc = demo_config(workdir, paths, port=port)
+    if (forget is None) != (retain is None):
+        raise typer.BadParameter("--forget and --retain go together")
+    extra_sets = {}
+    for item in extra or []:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise typer.BadParameter(f"--extra {item!r}: expected NAME=FILE with an existing file")
+        extra_sets[name] = Path(path)
+    tenants = TENANTS if forget is None else USER_DATA_TENANTS
+    paths = build_world(workdir, tenants=tenants,
+                        user_data=(forget, retain) if forget is not None else None)
+    cfg, doc = demo_config(workdir, paths, port=port, tenants=tenants)
     server = uvicorn.Server(uvicorn.Config(build_app(cfg), host=cfg.host, port=cfg.port,
                                            log_level="warning", timeout_graceful_shutdown=10))
 
@@ -251,7 +317,7 @@ def demo_cmd(
         for name, t in doc["tenants"].items():
             typer.echo(f"  {name:10s} mechanisms={t['mechanisms'] or ['none']}")
         if evaluate_:
-            reports = evaluate_demo(doc, workdir / "reports")
+            reports = evaluate_demo(doc, workdir / "reports", extra=extra_sets)
             typer.echo("\n" + (workdir / "reports" / "summary.md").read_text())
             typer.echo(f"{len(reports)} reports in {workdir / 'reports'}")
             if exit_after_eval:
