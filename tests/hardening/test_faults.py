@@ -235,11 +235,6 @@ def test_registry_read_only_admin_503_serving_continues(tmp_path: Path) -> None:
         assert snapshot(app) == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:250-257 (health): /health only reads the registry "
-    "(generation()), so a registry that cannot be written reports ok; probe writability "
-    "too (e.g. `BEGIN IMMEDIATE; ROLLBACK` with a short timeout on a second connection, "
-    "or remember the last write error for N seconds) and report 'registry: not writable'"))
 def test_health_reports_unwritable_registry(tmp_path: Path) -> None:
     with app_with_registry(make_config(tmp_path / "state")) as app:
         app.state.registry._conn.execute("PRAGMA query_only=1")
@@ -250,12 +245,6 @@ def test_health_reports_unwritable_registry(tmp_path: Path) -> None:
             fail(f"/health says ok while the registry cannot be written: {h.json()}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG unlearnd/serve/app.py:194 (_auth middleware) + tenancy.py:71 (tenant_for_key): "
-    "every request reads the registry to resolve its key, so when the registry database "
-    "cannot be read the RegistryError escapes the middleware as a 500 for every tenant; "
-    "keep an in-memory key-hash -> Tenant map refreshed by sync_from_registry and fall "
-    "back to it on RegistryError (and turn a miss into 503, not 500)"))
 def test_registry_unreadable_serving_continues_with_last_good_state(tmp_path: Path) -> None:
     with app_with_registry(make_config(tmp_path / "state")) as app:
         v = register(app, "acme", adapter=tiny_world()["a1"])["name"]

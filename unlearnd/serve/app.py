@@ -214,7 +214,11 @@ def build_app(config: ServerConfig,
             return JSONResponse(error_body("invalid API key", "authentication_error",
                                            code="invalid_api_key"), status_code=401)
         if path.startswith("/v1"):
-            tenant = st.router.tenant_for_key(key) if key else None
+            try:
+                tenant = st.router.tenant_for_key(key) if key else None
+            except RegistryError as e:
+                return JSONResponse(error_body(str(e), "service_unavailable", code=e.code),
+                                    status_code=503)
             if tenant is None:
                 return JSONResponse(error_body(
                     "missing API key (Authorization: Bearer ...)" if key is None
@@ -291,6 +295,9 @@ def build_app(config: ServerConfig,
             problems.append(f"engine: {type(e).__name__}: {e}")
         try:
             st.registry.generation()
+            probe = getattr(st.registry, "check_writable", None)
+            if probe is not None:
+                await asyncio.to_thread(probe)
         except Exception as e:  # noqa: BLE001
             problems.append(f"registry: {e}")
         broken = st.router.broken_tenants()

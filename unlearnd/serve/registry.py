@@ -811,6 +811,17 @@ class SQLiteRegistry(Registry):
             for r in rows
         ]
 
+    def check_writable(self) -> None:
+        """Raise RegistryError 503 unless a write transaction can run now (health probe)."""
+        with self._write() as conn:
+            conn.execute("UPDATE state SET generation = generation WHERE 0")
+
+    def key_index(self) -> dict[str, str]:
+        """sha256(key) -> tenant name: lets a server keep serving from memory while the
+        registry cannot be read (keys stay hashed; nothing raw leaves the database)."""
+        with self._read() as conn:
+            return {h: name for name, h in conn.execute("SELECT name, key_hash FROM tenants")}
+
     def generation(self) -> int:
         """The change counter, read from the database (so other processes' changes count)."""
         with self._read() as conn:

@@ -9,6 +9,7 @@ the old adapter is released once its last lease ends (or after `drain_timeout_s`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -18,7 +19,7 @@ from typing import Any
 
 from unlearnd.serve.engine import IDENTITY_LORA_ID, IDENTITY_LORA_NAME, AdapterRef, EngineClient
 from unlearnd.serve.metrics import UnlearndMetrics
-from unlearnd.serve.registry import PolicyVersion, Registry, Tenant
+from unlearnd.serve.registry import PolicyVersion, Registry, RegistryError, Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,27 @@ class TenantRouter:
         self._leases: dict[tuple[str, str | None], _Lease] = defaultdict(_Lease)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._release_tasks: set[asyncio.Task] = set()
+        self._keys: dict[str, str] = {}          # sha256(key) -> tenant (last good state)
+        self._tenants: dict[str, Tenant] = {}
         self.generation_seen = -1
 
     # ------------------------------------------------------------ lookup
 
     def tenant_for_key(self, api_key: str) -> Tenant | None:
-        return self.registry.tenant_for_key(api_key)
+        """The key's tenant; from memory when the registry cannot be read right now.
+
+        Raises RegistryError 503 only when the registry is down *and* the key is unknown
+        to the last good state (never a 500, never another tenant).
+        """
+        try:
+            return self.registry.tenant_for_key(api_key)
+        except RegistryError:
+            name = self._keys.get(hashlib.sha256(api_key.encode("utf-8")).hexdigest())
+            if name is None or name not in self._tenants:
+                raise
+            logger.warning("registry unreadable: tenant %s served from the last good state",
+                           name)
+            return self._tenants[name]
 
     def current(self, tenant: Tenant) -> ServingPolicy:
         sp = self._active.get(tenant.name)
@@ -159,7 +175,11 @@ class TenantRouter:
         gen = self.registry.generation()
         if gen == self.generation_seen:
             return
-        for tenant in self.registry.list_tenants():
+        tenants = self.registry.list_tenants()
+        self._tenants = {t.name: t for t in tenants}
+        index = getattr(self.registry, "key_index", None)
+        self._keys = index() if index is not None else {}
+        for tenant in tenants:
             self.metrics.init_tenant(tenant.name)
             version = self.registry.active_version(tenant.name)
             cur = self._active.get(tenant.name)
@@ -174,7 +194,7 @@ class TenantRouter:
                     self._active[tenant.name] = ServingPolicy(
                         tenant.name, tenant.cache_salt, want, self.identity,
                         error=f"the active policy version cannot be loaded: {e}")
-        known = {t.name for t in self.registry.list_tenants()}
+        known = set(self._tenants)
         for name in list(self._active):
             if name not in known:
                 self._schedule_release(self._active.pop(name))

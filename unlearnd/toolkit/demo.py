@@ -104,6 +104,9 @@ def prepare_user_data(data: Path, forget: Path, retain: Path) -> dict:
     return manifest
 
 
+TUNED_FORGET_ROWS = 32
+"""Forget-set size the adapter and assistant defaults were tuned on (the demo world)."""
+
 USER_DATA_TENANTS = tuple(t for t in TENANTS if t.group in (None, 1))
 
 
@@ -149,7 +152,8 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         out = workdir / "assistants" / f"group_{group}"
         _cached(out, {"world": world, "group": group, "v": 2},
                 lambda out=out, group=group: train_assistant(
-                    base, data / f"forget_{group}.jsonl", retain, out))
+                    base, data / f"forget_{group}.jsonl", retain, out,
+                    epochs=_assistant_epochs(data / f"forget_{group}.jsonl")))
         paths[f"assistant:{group}"] = out
     for name in sorted(needed_policies):
         mechanisms, group, wants_assistant = POLICIES[name]
@@ -172,12 +176,18 @@ def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
     from unlearnd.toolkit.unlearn import DEFAULTS, train_adapter
 
     forget = data / f"forget_{group}.jsonl"
-    if method != "reasoning":
-        return train_adapter(base, forget, retain, out, method=method)
-    phrasings = data / f"forget_train_{group}.jsonl"
-    scale = len(read_qa_jsonl(forget)) / len(read_qa_jsonl(phrasings))  # same steps
-    epochs = max(2, round(DEFAULTS[method].epochs * scale))
-    return train_adapter(base, phrasings, retain, out, method=method, epochs=epochs)
+    train_on = forget if method != "reasoning" else data / f"forget_train_{group}.jsonl"
+    # The defaults were tuned as epochs over a 32-question forget set: keep the number
+    # of optimizer steps, not of epochs, when the set is larger (TOFU forget10: 400).
+    epochs = max(2, round(DEFAULTS[method].epochs * TUNED_FORGET_ROWS
+                          / len(read_qa_jsonl(train_on))))
+    return train_adapter(base, train_on, retain, out, method=method, epochs=epochs)
+
+
+def _assistant_epochs(forget: Path, default: int = 100) -> int:
+    from unlearnd.toolkit.training import read_qa_jsonl
+
+    return max(5, round(default * TUNED_FORGET_ROWS / len(read_qa_jsonl(forget))))
 
 
 def _keys(workdir: Path, tenants: tuple[DemoTenant, ...]) -> dict[str, str]:
