@@ -236,7 +236,9 @@ def e2e(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         tokens = sum(await asyncio.gather(*(one(q) for q in qs)))
-        return time.perf_counter() - t0, tokens
+        elapsed = time.perf_counter() - t0
+        await client.close()
+        return elapsed, tokens
 
     results: dict[str, list[float]] = {tenant: [], baseline: []}
     order = [baseline, tenant]
