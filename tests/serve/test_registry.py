@@ -506,3 +506,15 @@ def test_concurrent_activations_stay_consistent(
     assert history == [e.detail["previous"] for e in reversed(entries[1:])]
     first.close()
     second.close()
+
+
+def test_key_index_and_write_probe(reg: SQLiteRegistry) -> None:
+    import hashlib
+
+    index = reg.key_index()
+    assert index[hashlib.sha256(KEY_A.encode()).hexdigest()] == "acme"
+    assert index[hashlib.sha256(KEY_B.encode()).hexdigest()] == "globex"
+    assert KEY_A not in index and KEY_A not in str(index)  # only hashes
+    gen = reg.generation()
+    reg.check_writable()  # a write transaction that changes nothing
+    assert reg.generation() == gen and reg.audit(limit=1000) == reg.audit(limit=1000)

@@ -814,7 +814,7 @@ class SQLiteRegistry(Registry):
     def check_writable(self) -> None:
         """Raise RegistryError 503 unless a write transaction can run now (health probe)."""
         with self._write() as conn:
-            conn.execute("UPDATE state SET generation = generation WHERE 0")
+            conn.execute("UPDATE state SET generation = generation WHERE 1 = 0")
 
     def key_index(self) -> dict[str, str]:
         """sha256(key) -> tenant name: lets a server keep serving from memory while the

@@ -143,7 +143,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     for name in sorted(needed_adapters):
         method, group = ADAPTERS[name]
         out = workdir / "adapters" / name
-        _cached(out, {"world": world, "method": method, "group": group, "v": 2},
+        _cached(out, {"world": world, "method": method, "group": group, "v": 3},
                 lambda out=out, method=method, group=group: _train_adapter(
                     data, group, retain, base, out, method))
         paths[f"adapter:{name}"] = out

@@ -80,6 +80,10 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 MAX_VLLM_RANK = 16
 """Largest LoRA rank we emit; the server starts vLLM with ``max_lora_rank`` >= this."""
 
+DEFAULT_RANK: dict[str, tuple[int, int]] = {
+    "graddiff": (8, 16), "npo": (8, 16), "reasoning": (16, 32)}
+"""(rank, alpha) per method when the caller gives none."""
+
 
 @dataclass(frozen=True)
 class MethodDefaults:
@@ -526,8 +530,8 @@ def train_adapter(
     out_dir: str | Path,
     *,
     method: str,
-    rank: int = 8,
-    alpha: int = 16,
+    rank: int | None = None,
+    alpha: int | None = None,
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     epochs: int | None = None,
     lr: float | None = None,
@@ -549,7 +553,9 @@ def train_adapter(
     """Train an unlearning LoRA adapter on `base_dir` and save it to `out_dir`.
 
     `forget_path`, `retain_path`: QA JSONL. `method`: one of :data:`METHODS`.
-    `rank`/`alpha`: LoRA rank (1..16, what vLLM is started with) and alpha.
+    `rank`/`alpha`: LoRA rank (1..16, what vLLM is started with) and alpha; None takes
+    :data:`DEFAULT_RANK` for the method (reasoning 16/32: at rank 8 the demo world's
+    held-out probes got 7.5% degenerate refusals, at 16 1.3%; the others 8/16).
     Hyper-parameters left as None take :data:`DEFAULTS` for the method. One step takes
     a forget batch and a retain batch of `batch_size` rows (retain rows cycle);
     `epochs` passes over the forget set, cut at `max_steps` when given.
@@ -568,6 +574,8 @@ def train_adapter(
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rank = DEFAULT_RANK[method][0] if rank is None else rank
+    alpha = DEFAULT_RANK[method][1] if alpha is None else alpha
     if not 1 <= rank <= MAX_VLLM_RANK:
         raise ValueError(f"rank must be in 1..{MAX_VLLM_RANK} (vLLM max_lora_rank), got {rank}")
     if alpha <= 0:
@@ -832,8 +840,10 @@ def train_adapter_cmd(
     retain: Annotated[Path, typer.Option("--retain", help="Retain set, QA JSONL.")],
     method: Annotated[str, typer.Option("--method", help="graddiff, npo or reasoning.")],
     out: Annotated[Path, typer.Option("--out", help="Adapter output dir (PEFT LoRA).")],
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank (<= 16).")] = 8,
-    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha.")] = 16,
+    rank: Annotated[int | None, typer.Option(
+        "--rank", help="LoRA rank (<= 16; default per method).")] = None,
+    alpha: Annotated[int | None, typer.Option(
+        "--alpha", help="LoRA alpha (default per method).")] = None,
     epochs: Annotated[
         int | None,
         typer.Option("--epochs", help="Passes over the forget set (default: per method)."),
