@@ -122,7 +122,6 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     from unlearnd.toolkit.assistant_train import train_assistant
     from unlearnd.toolkit.build_base import build_base
     from unlearnd.toolkit.synth import synthesize
-    from unlearnd.toolkit.unlearn import train_adapter
 
     workdir = Path(workdir).resolve()
     data, base = workdir / "data", workdir / "base"
