@@ -31,8 +31,10 @@ def free_port() -> int:
 class ServerProcess:
     """`unlearnd serve --config FILE` in a child process, stopped with SIGINT."""
 
-    def __init__(self, config: dict, workdir: Path, name: str = "server") -> None:
+    def __init__(self, config: dict, workdir: Path, name: str = "server",
+                 env: dict[str, str] | None = None) -> None:
         self.config = dict(config)
+        self.env = dict(env or {})
         self.workdir = workdir
         self.name = name
         self.proc: subprocess.Popen | None = None
@@ -43,7 +45,7 @@ class ServerProcess:
     def start(self, timeout: float = 240.0) -> ServerProcess:
         cfg = self.workdir / f"{self.name}.yaml"
         cfg.write_text(yaml.safe_dump(self.config))
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **self.env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "unlearnd.cli", "serve", "--config", str(cfg),

@@ -502,6 +502,46 @@ def test_version_lifecycle(app, tmp_path: Path) -> None:
     assert_openai_error(c.get("/admin/audit?limit=0", headers=adm), 400, param="limit")
 
 
+def test_change_made_elsewhere_during_an_activation_is_not_skipped(app) -> None:
+    """Another replica activates globex while this one is activating acme: this replica
+    must still pick globex's change up on its next poll (it once recorded the registry's
+    generation after its own swap and so skipped changes committed meanwhile)."""
+    from unlearnd.serve.artifacts import BaseModelSpec
+    from unlearnd.serve.registry import SQLiteRegistry
+
+    v_acme = register(app, "acme", adapter=tiny_world()["a1"], activate=False)
+    v_globex = register(app, "globex", adapter=tiny_world()["a2"], activate=False)
+    other = SQLiteRegistry(app.config.state_dir,
+                           base=BaseModelSpec.from_model_dir(app.config.model),
+                           max_lora_rank=app.config.engine.max_lora_rank)
+    router = app.state.router
+    install = router.install
+
+    async def install_while_another_replica_swaps(tenant, version, *args, **kwargs):
+        if tenant.name == "acme":
+            other.activate("globex", v_globex["name"], actor="replica-b")
+        return await install(tenant, version, *args, **kwargs)
+
+    router.install = install_while_another_replica_swaps
+    try:
+        r = app.client.post("/admin/tenants/acme/activate", json={"version": v_acme["name"]},
+                            headers=app.admin)
+    finally:
+        router.install = install
+        other.close()
+    assert r.status_code == 200, r.text
+    assert wait_until(lambda: router.active_versions().get("globex") == v_globex["name"], 2.0), \
+        f"globex's activation through another replica never reached this one: " \
+        f"{router.active_versions()}"
+    # ... and it is counted as propagated from elsewhere (acme's own swap is not).
+    def propagated(tenant: str) -> float | None:
+        return app.metrics.registry.get_sample_value(
+            "unlearnd_policy_propagation_seconds_count", {"tenant": tenant})
+
+    assert propagated("globex") == 1
+    assert propagated("acme") == 0
+
+
 def test_rollback_without_history_is_409(app) -> None:
     err = assert_openai_error(app.client.post("/admin/tenants/acme/rollback",
                                               headers=app.admin), 409)

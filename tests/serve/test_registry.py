@@ -7,6 +7,7 @@ import random
 import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,29 @@ def test_activate_rollback_deactivate(reg: SQLiteRegistry, three: list[PolicyVer
     assert reg.active_version("acme") is None
     assert reg.rollback("acme", actor="op") == a  # undo the deactivation
     assert reg.active_version("globex") is None  # other tenant untouched
+
+
+def test_pointer_changed_at(reg: SQLiteRegistry, three: list[PolicyVersion],
+                            tmp_path: Path) -> None:
+    """When the active pointer last moved (what replicas measure propagation from):
+    activate, rollback and deactivate count; registering a version does not."""
+    a, b, _ = three
+    assert reg.pointer_changed_at("acme") is None  # versions registered, none activated
+    before = time.time()
+    reg.activate("acme", a.name, actor="op")
+    t1 = reg.pointer_changed_at("acme")
+    assert t1 is not None and before - 1 <= t1 <= time.time() + 1
+    reg.add_version("acme", adapter=None, policy=make_policy(tmp_path / "p9", 9), actor="op")
+    assert reg.pointer_changed_at("acme") == t1
+    for move in (lambda: reg.activate("acme", b.name, actor="op"),
+                 lambda: reg.rollback("acme", actor="op"),
+                 lambda: reg.deactivate("acme", actor="op")):
+        time.sleep(0.01)
+        move()
+        t2 = reg.pointer_changed_at("acme")
+        assert t2 is not None and t2 > t1
+        t1 = t2
+    assert reg.pointer_changed_at("globex") is None
 
 
 def test_delete_version(reg: SQLiteRegistry, three: list[PolicyVersion]) -> None:

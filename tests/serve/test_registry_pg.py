@@ -46,6 +46,7 @@ from tests.serve.test_registry import (  # noqa: F401  (fixtures and tests colle
     test_delete_tenant,
     test_delete_version,
     test_lora_id_not_reused_after_readding,
+    test_pointer_changed_at,
     test_restart_keeps_state,
     test_same_content_is_idempotent,
     test_unknown_tenant_404,

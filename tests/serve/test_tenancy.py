@@ -31,6 +31,7 @@ class MiniRegistry:
     def __init__(self) -> None:
         self.tenants: dict[str, Tenant] = {}
         self.active: dict[str, PolicyVersion | None] = {}
+        self.changed_at: dict[str, float] = {}
         self.gen = 0
 
     def set(self, tenant: Tenant, v: PolicyVersion | None) -> None:
@@ -53,6 +54,9 @@ class MiniRegistry:
 
     def active_version(self, name: str) -> PolicyVersion | None:
         return self.active[name]
+
+    def pointer_changed_at(self, name: str) -> float | None:
+        return self.changed_at.get(name)
 
 
 def make_router(drain_timeout_s: float = 5.0) -> tuple[TenantRouter, FakeEngine, MiniRegistry]:
@@ -235,6 +239,45 @@ def test_sync_from_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         reg.drop("globex")
         await router.sync_from_registry()
         assert "globex" not in router.active_versions()
+
+    asyncio.run(run())
+
+
+def test_sync_records_propagation_of_changes_made_elsewhere() -> None:
+    """A version activated elsewhere 3 s ago is observed as ~3 s of propagation; the
+    versions found at start-up are not (this replica was not running)."""
+    import threading
+    import time
+
+    async def run() -> None:
+        router, _, reg = make_router()
+        reg.set(ACME, version("acme@aaa", 1))
+        reg.changed_at["acme"] = time.time() - 100
+        await router.sync_from_registry()
+
+        def count() -> float | None:
+            return router.metrics.registry.get_sample_value(
+                "unlearnd_policy_propagation_seconds_count", {"tenant": "acme"})
+
+        assert count() == 0
+        reg.set(ACME, version("acme@bbb", 2))
+        reg.changed_at["acme"] = time.time() - 3
+        readers: list[str] = []
+        generation = reg.generation
+
+        def generation_in_a_thread() -> int:
+            readers.append(threading.current_thread().name)
+            return generation()
+
+        reg.generation = generation_in_a_thread  # type: ignore[method-assign]
+        await router.sync_from_registry()
+        assert router.current(ACME).version == "acme@bbb"
+        assert count() == 1
+        total = router.metrics.registry.get_sample_value(
+            "unlearnd_policy_propagation_seconds_sum", {"tenant": "acme"})
+        assert 3 <= total < 10
+        # The database was read off the event loop's thread.
+        assert readers and threading.main_thread().name not in readers
 
     asyncio.run(run())
 

@@ -156,7 +156,6 @@ async def _activate(st: Any, tenant: str, name: str, kind: str = "activate") -> 
                                code="load_failed") from e
             _registry_call(st.registry.activate, tenant, name, actor="admin")
             await st.router.install(t, version, kind="activate", built=built)
-        st.router.generation_seen = st.registry.generation()
     out = version_json(version, version.name)
     out["swap_seconds"] = time.perf_counter() - t0  # load + validate + switch
     return out
@@ -179,7 +178,6 @@ async def deactivate(tenant: str, request: Request) -> dict:
         t = _registry_call(st.registry.get_tenant, tenant)
         _registry_call(st.registry.deactivate, tenant, actor="admin")
         await st.router.install(t, None, kind="deactivate")
-        st.router.generation_seen = st.registry.generation()
     return {"tenant": tenant, "active_version": None}
 
 

@@ -44,6 +44,11 @@ class UnlearndMetrics:
             "unlearnd_policy_swap_duration_seconds",
             "Time from an activation request to the new version serving.", ["tenant"],
             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.propagation = Histogram(
+            "unlearnd_policy_propagation_seconds",
+            "Time from a version's activation in the shared registry (through any replica) "
+            "to this replica serving it; wall clocks, so replicas' clocks must agree.",
+            ["tenant"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.adapter_rejections = Counter(
             "unlearnd_adapter_rejections_total", "Artifacts rejected at registration.",
             ["tenant", "reason"], registry=registry)
@@ -78,7 +83,8 @@ class UnlearndMetrics:
             self.scope_decisions.labels(tenant, decision)
         for m in (self.request_latency, self.ttft, self.prompt_tokens, self.generation_tokens,
                   self.refusals, self.suppressed_tokens, self.guard_latency,
-                  self.guard_failures, self.active_requests, self.swap_duration):
+                  self.guard_failures, self.active_requests, self.swap_duration,
+                  self.propagation):
             m.labels(tenant)
         for kind in ("activate", "rollback", "deactivate"):
             self.swaps.labels(tenant, kind)

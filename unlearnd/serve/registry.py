@@ -185,6 +185,10 @@ class Registry(Protocol):
         """A counter that every change increases."""
         ...
 
+    def pointer_changed_at(self, tenant: str) -> float | None:
+        """Wall time of the tenant's last activate / rollback / deactivate, if any."""
+        ...
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
@@ -821,6 +825,18 @@ class SQLiteRegistry(Registry):
         registry cannot be read (keys stay hashed; nothing raw leaves the database)."""
         with self._read() as conn:
             return {h: name for name, h in conn.execute("SELECT name, key_hash FROM tenants")}
+
+    def pointer_changed_at(self, tenant: str) -> float | None:
+        """Wall time (the audit row's) of the tenant's last activate, rollback or
+        deactivate; None when its pointer never moved. Replicas use it to measure how
+        long a change took to reach them."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT MAX(ts) FROM audit WHERE tenant = ? "
+                "AND action IN ('activate', 'rollback', 'deactivate')",
+                (tenant,),
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def generation(self) -> int:
         """The change counter, read from the database (so other processes' changes count)."""

@@ -38,6 +38,17 @@ class ServingPolicy:
     error: str | None = None      # set: the version cannot be served; requests get 503
 
 
+@dataclass(frozen=True)
+class _RegistryView:
+    """What one registry poll read (see `TenantRouter.sync_from_registry`)."""
+
+    generation: int
+    tenants: list[Tenant]
+    keys: dict[str, str]                          # sha256(key) -> tenant
+    active: dict[str, PolicyVersion | None]       # tenant -> active version
+    changed_at: dict[str, float | None]           # tenant -> when its pointer last moved
+
+
 @dataclass
 class _Lease:
     count: int = 0
@@ -170,18 +181,41 @@ class TenantRouter:
         except Exception:  # noqa: BLE001 - release is best effort; vLLM's LRU evicts anyway
             logger.exception("releasing adapter %s failed", old.version)
 
-    async def sync_from_registry(self) -> None:
-        """Make every tenant's in-memory pointer equal the registry's (start-up, polling)."""
+    def _read_registry(self, seen: int) -> _RegistryView | None:
+        """The registry's tenants, keys and active versions; None if generation `seen`.
+
+        Blocking database reads: callers run it in a thread (see `sync_from_registry`).
+        """
         gen = self.registry.generation()
-        if gen == self.generation_seen:
-            return
+        if gen == seen:
+            return None
         tenants = self.registry.list_tenants()
-        self._tenants = {t.name: t for t in tenants}
         index = getattr(self.registry, "key_index", None)
-        self._keys = index() if index is not None else {}
-        for tenant in tenants:
+        changed_at = getattr(self.registry, "pointer_changed_at", None)
+        return _RegistryView(
+            generation=gen,
+            tenants=tenants,
+            keys=index() if index is not None else {},
+            active={t.name: self.registry.active_version(t.name) for t in tenants},
+            changed_at={t.name: changed_at(t.name) for t in tenants} if changed_at else {},
+        )
+
+    async def sync_from_registry(self) -> None:
+        """Make every tenant's in-memory pointer equal the registry's (start-up, polling).
+
+        The registry is read in a worker thread, so a slow database never stalls the
+        requests this process is serving. A tenant whose version changed is installed
+        (adapter loaded first) and `unlearnd_policy_propagation_seconds` records how
+        long after the registry's pointer moved this replica started serving it.
+        """
+        view = await asyncio.to_thread(self._read_registry, self.generation_seen)
+        if view is None:
+            return
+        self._tenants = {t.name: t for t in view.tenants}
+        self._keys = view.keys
+        for tenant in view.tenants:
             self.metrics.init_tenant(tenant.name)
-            version = self.registry.active_version(tenant.name)
+            version = view.active[tenant.name]
             cur = self._active.get(tenant.name)
             want = version.name if version else None
             if cur is None or cur.version != want or cur.error:
@@ -194,11 +228,16 @@ class TenantRouter:
                     self._active[tenant.name] = ServingPolicy(
                         tenant.name, tenant.cache_salt, want, self.identity,
                         error=f"the active policy version cannot be loaded: {e}")
+                    continue
+                moved = view.changed_at.get(tenant.name)
+                if cur is not None and moved is not None:  # not at start-up
+                    self.metrics.propagation.labels(tenant.name).observe(
+                        max(0.0, time.time() - moved))
         known = set(self._tenants)
         for name in list(self._active):
             if name not in known:
                 self._schedule_release(self._active.pop(name))
-        self.generation_seen = gen
+        self.generation_seen = view.generation
 
     def broken_tenants(self) -> list[str]:
         return [name for name, sp in self._active.items() if sp.error]
