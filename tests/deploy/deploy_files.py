@@ -31,6 +31,59 @@ def metric_names(expr: str) -> set[str]:
     return set(_OUR_METRIC.findall(_STRING.sub('""', expr)))
 
 
+_SELECTOR = re.compile(r"(?:unlearnd_[A-Za-z0-9_]+|vllm:[A-Za-z0-9_:]+)\{([^}]*)\}")
+_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+# Labels Prometheus itself puts on every scraped series (target labels), and `le` which
+# histogram_quantile reads from the _bucket series.
+SCRAPE_LABELS = {"instance", "job", "le"}
+
+
+def label_names(expr: str) -> set[str]:
+    """Label names a PromQL expression matches on or groups by (`{x=...}`, `by (x)`)."""
+    expr = _STRING.sub('""', expr)
+    names: set[str] = set()
+    for matchers in _SELECTOR.findall(expr):
+        names.update(_MATCHER.findall(matchers))
+    for grouping in _GROUPING.findall(expr):
+        names.update(n.strip() for n in grouping.split(",") if n.strip())
+    return names
+
+
+def defined_labels() -> dict[str, set[str]]:
+    """Series name -> label names, for every unlearnd_* series our metrics module defines
+    (whether or not a sample exists yet)."""
+    from prometheus_client import CollectorRegistry
+
+    from unlearnd.serve.metrics import UnlearndMetrics
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
+                "summary": ("", "_sum", "_count")}
+    labels: dict[str, set[str]] = {}
+    for metric in vars(UnlearndMetrics(CollectorRegistry())).values():
+        if hasattr(metric, "_labelnames") and hasattr(metric, "_type"):
+            for suffix in suffixes[metric._type]:
+                labels[metric._name + suffix] = set(metric._labelnames)
+    return labels
+
+
+def unknown_labels(expr: str, carried: dict[str, set[str]]) -> set[str]:
+    """Labels `expr` selects or groups by that none of its metrics carry (per `carried`)."""
+    have = set().union(*(carried.get(n, set()) for n in metric_names(expr)))
+    return label_names(expr) - have - SCRAPE_LABELS
+
+
+def exported_labels(exposition: str) -> dict[str, set[str]]:
+    """Series name -> the label names its samples carry, from a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
 def exported_names(exposition: str) -> set[str]:
     """Every series name a Prometheus text exposition can yield: the samples present,
     plus what each `# TYPE` declares (a histogram's _bucket/_sum/_count even before its

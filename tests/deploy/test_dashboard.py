@@ -14,8 +14,10 @@ from tests.deploy.deploy_files import (
     dashboard,
     dashboard_exprs,
     dashboard_panels,
+    defined_labels,
     exported_names,
     metric_names,
+    unknown_labels,
 )
 from unlearnd.serve.metrics import UnlearndMetrics
 
@@ -69,3 +71,12 @@ def test_metric_name_extraction() -> None:
     text = ("# TYPE unlearnd_h_seconds histogram\n# TYPE vllm:g gauge\nvllm:g{a=\"1\"} 1.0\n")
     assert exported_names(text) == {"unlearnd_h_seconds_bucket", "unlearnd_h_seconds_sum",
                                     "unlearnd_h_seconds_count", "vllm:g"}
+
+
+def test_dashboard_uses_only_labels_our_metrics_carry() -> None:
+    carried = defined_labels()
+    ours = {name: expr for name, expr in dashboard_exprs().items()
+            if not any(n.startswith("vllm:") for n in metric_names(expr))}
+    wrong = {name: unknown_labels(expr, carried) for name, expr in ours.items()
+             if unknown_labels(expr, carried)}
+    assert not wrong, wrong

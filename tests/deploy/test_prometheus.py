@@ -18,8 +18,10 @@ from tests.deploy.deploy_files import (
     ALERT_TESTS,
     PROMETHEUS_CONFIG,
     alert_exprs,
+    defined_labels,
     exported_names,
     metric_names,
+    unknown_labels,
 )
 from unlearnd.serve.metrics import UnlearndMetrics
 
@@ -76,3 +78,18 @@ def test_alerts_name_only_metrics_that_exist() -> None:
         assert names or "up{" in expr, name
         missing = {n for n in names if n.startswith("unlearnd_")} - ours
         assert not missing, (name, missing)
+
+
+def test_alerts_use_only_labels_our_metrics_carry() -> None:
+    """A rule grouping by a label the server never sets fires with that label empty
+    (UnlearndAdapterRejections once grouped by `code`; the metric's label is `reason`).
+    Rules on vLLM's metrics are checked against a live server in the e2e tier."""
+    carried = defined_labels()
+    ours = {name: expr for name, expr in alert_exprs().items()
+            if not any(n.startswith("vllm:") for n in metric_names(expr))}
+    assert "UnlearndAdapterRejections" in ours
+    wrong = {name: unknown_labels(expr, carried) for name, expr in ours.items()
+             if unknown_labels(expr, carried)}
+    assert not wrong, wrong
+    assert unknown_labels('sum by (tenant, code) (unlearnd_adapter_rejections_total)',
+                          carried) == {"code"}
