@@ -578,3 +578,44 @@ def test_metrics_requires_its_key_when_configured(tmp_path: Path) -> None:
         r = app.client.get("/metrics", headers={"Authorization":
                                                 "Bearer metrics-key-0123456789"})
         assert r.status_code == 200 and "unlearnd_requests_total" in r.text
+
+
+def test_stream_abandoned_before_its_first_byte_frees_slot_and_lease(tmp_path: Path) -> None:
+    """The client is gone before the response starts (the ASGI server's `send` raises
+    OSError, as uvicorn's does for a closed connection), so the SSE body is never
+    iterated. Its concurrency slot, its policy lease and the in-flight gauge must still be
+    released at once, and the request counted as aborted; they once stayed held until
+    the drain timeout (lease) or forever (slot: the tenant's limit shrank by one)."""
+    config = make_config(tmp_path / "state", limits={"tenant_max_concurrent": 1})
+    with running_app(config) as app:
+        body = json.dumps({"messages": HELLO, "stream": True}).encode()
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": CHAT, "raw_path": CHAT.encode(), "root_path": "", "query_string": b"",
+            "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"authorization", f"Bearer {KEYS['acme']}".encode())],
+            "client": ("127.0.0.1", 5000), "server": ("testserver", 80), "state": {},
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            raise OSError("client disconnected")
+
+        async def call() -> None:
+            try:
+                await app.client.app(scope, receive, send)
+            except Exception:  # noqa: BLE001 - ClientDisconnect (or OSError) propagates
+                pass
+
+        app.client.portal.call(call)
+        st = app.state
+        assert st.limiter.in_flight("acme") == 0
+        assert app.metrics.active_requests.labels("acme")._value.get() == 0
+        assert app.counter("acme", "chat", "aborted") == 1
+        r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+        assert r.status_code == 200  # not 429: the slot came back

@@ -384,3 +384,33 @@ def test_disconnect_aborts_engine_request() -> None:
         assert router.metrics.active_requests.labels("acme")._value.get() == 0
 
     asyncio.run(run())
+
+
+def test_leased_stream_closed_before_or_after_its_first_chunk() -> None:
+    """Closed unstarted: `abandon` runs once (the generator's own clean-up never would).
+    Closed after a chunk: the generator's finally runs instead, and `abandon` does not."""
+    from unlearnd.serve.serving import LeasedStream
+
+    events: list[str] = []
+
+    async def chunks():
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            events.append("generator cleaned up")
+
+    async def run() -> None:
+        unstarted = LeasedStream(chunks(), lambda: events.append("abandoned"))
+        await unstarted.aclose()
+        await unstarted.aclose()
+        assert events == ["abandoned"]
+        assert [c async for c in unstarted] == []  # closed: yields nothing
+        events.clear()
+        started = LeasedStream(chunks(), lambda: events.append("abandoned"))
+        assert await started.__anext__() == "a"
+        await started.aclose()
+        await started.aclose()
+        assert events == ["generator cleaned up"]
+
+    asyncio.run(run())

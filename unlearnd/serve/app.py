@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -263,8 +264,8 @@ def build_app(config: ServerConfig,
             raise
         headers = {POLICY_HEADER: sp.version or "none"}
         if req.stream:
-            return StreamingResponse(wrap_stream(result, release),
-                                     media_type="text/event-stream", headers=headers)
+            return _LeasedResponse(result, release, media_type="text/event-stream",
+                                   headers=headers)
         release()
         return JSONResponse(result, headers=headers)
 
@@ -315,6 +316,25 @@ def build_app(config: ServerConfig,
 
     app.include_router(admin.router)
     return app
+
+
+class _LeasedResponse(StreamingResponse):
+    """A streamed completion whose leases (the policy version's, the limiter's slot) end
+    when the response ends, however it ends: also when the client left before the first
+    byte and Starlette never iterated the body (`send` raised, ClientDisconnect)."""
+
+    def __init__(self, stream: Any, release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(wrap_stream(stream, release), **kwargs)
+        self._stream = stream
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
+            self._release()
 
 
 async def _poll_registry(st: AppState) -> None:

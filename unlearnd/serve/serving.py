@@ -188,7 +188,12 @@ class Serving:
             gen = self.engine.generate(prompt_ids, params, request_id, adapter=sp.adapter,
                                        cache_salt=sp.cache_salt)
             if req.stream:
-                stream = self._stream(req, ctx, request_id, gen, is_disconnected, release)
+                def abandon() -> None:  # closed before its first chunk: no engine request
+                    self._count(ctx, "aborted")
+                    release()
+
+                stream = LeasedStream(
+                    self._stream(req, ctx, request_id, gen, is_disconnected, release), abandon)
                 return stream, sp
             result = await self._collect(req, ctx, request_id, gen, is_disconnected)
             return result, sp
@@ -403,6 +408,40 @@ class Serving:
         suppressed = ctx.unlearning()["suppressed_tokens"]
         if suppressed:
             self.metrics.suppressed_tokens.labels(name).inc(suppressed)
+
+
+class LeasedStream:
+    """The SSE chunks of one streamed request, holding its policy lease.
+
+    Iterating runs the request; `aclose()` ends it however far it got. A stream closed
+    before its first chunk (the client left before the response started, so nothing
+    ever iterated it) never reaches the generator's own clean-up, so `aclose()` then
+    runs `abandon` (count it aborted, release the lease) itself. Idempotent.
+    """
+
+    def __init__(self, chunks: AsyncIterator[str], abandon: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._abandon = abandon
+        self._started = False
+        self._closed = False
+
+    def __aiter__(self) -> LeasedStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._closed:
+            raise StopAsyncIteration
+        self._started = True
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            await self._chunks.aclose()  # the generator's finally: abort, count, release
+        else:
+            self._abandon()
 
 
 def _sse(obj: dict) -> str:
