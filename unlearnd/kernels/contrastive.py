@@ -220,10 +220,9 @@ def unlearning_logits_reference(
     added after the contrast. ``banned``: ``[R, ceil(V/32)]`` int32 bitmask, a set
     bit makes the token ``-inf`` (last, so no bias can revive it).
     """
-    _check_inputs(logits, assist, assist_neg, weight, alpha, bias_ids, bias_vals, banned)
-    return _reference_math(
-        logits, assist, assist_neg, weight, alpha, bias_ids, bias_vals, banned, drop_implausible
-    )
+    operands = (logits, assist, assist_neg, weight, alpha, bias_ids, bias_vals, banned)
+    _check_inputs(*operands)
+    return _reference_math(*operands, drop_implausible)
 
 
 def _reference_math(
@@ -554,35 +553,17 @@ def unlearning_logits_(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_inputs(logits, assist, assist_neg, weight, alpha, bias_ids, bias_vals, banned)
+    operands = (logits, assist, assist_neg, weight, alpha, bias_ids, bias_vals, banned)
+    # checked once here for both backends: the torch path calls the reference's
+    # math directly, so the CPU value checks (host syncs) do not run a second time.
+    _check_inputs(*operands)
     use_triton = backend == "triton" or (
         backend == "auto" and logits.is_cuda and triton is not None
     )
     if use_triton:
-        _launch_triton(
-            logits,
-            assist,
-            assist_neg,
-            weight,
-            alpha,
-            bias_ids,
-            bias_vals,
-            banned,
-            drop_implausible,
-        )
-        return logits
-    result = unlearning_logits_reference(
-        logits,
-        assist,
-        assist_neg,
-        weight,
-        alpha,
-        bias_ids,
-        bias_vals,
-        banned,
-        drop_implausible=drop_implausible,
-    )
-    logits.copy_(result)
+        _launch_triton(*operands, drop_implausible)
+    else:
+        logits.copy_(_reference_math(*operands, drop_implausible))
     return logits
 
 
