@@ -293,26 +293,9 @@ class SQLiteRegistry(Registry):
         max_lora_rank: int,
         busy_timeout_s: float = 5.0,
     ) -> None:
-        if not isinstance(base, BaseModelSpec):
-            raise ValueError(f"base must be a BaseModelSpec, got {base!r}")
-        if (
-            isinstance(max_lora_rank, bool)
-            or not isinstance(max_lora_rank, int)
-            or max_lora_rank <= 0
-        ):
-            raise ValueError(f"max_lora_rank must be a positive int, got {max_lora_rank!r}")
         if not busy_timeout_s > 0:
             raise ValueError(f"busy_timeout_s must be > 0, got {busy_timeout_s!r}")
-        self.state_dir = Path(state_dir).resolve()
-        self.base = base
-        self.max_lora_rank = max_lora_rank
-        self.store_dir = self.state_dir / STORE_DIR
-        try:
-            self.store_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RegistryError(
-                503, "registry_unavailable", f"cannot create {self.store_dir}: {exc}"
-            ) from exc
+        self._init_store(state_dir, base, max_lora_rank)
         self._lock = threading.RLock()
         try:
             self._conn = sqlite3.connect(
@@ -337,6 +320,27 @@ class SQLiteRegistry(Registry):
                 f"cannot open registry {self.state_dir / DB_FILE}: {exc}",
             ) from exc
         self._clean_temp_dirs()
+
+    def _init_store(self, state_dir: Path, base: BaseModelSpec, max_lora_rank: int) -> None:
+        """Check what adapters are validated against; create `<state_dir>/store`."""
+        if not isinstance(base, BaseModelSpec):
+            raise ValueError(f"base must be a BaseModelSpec, got {base!r}")
+        if (
+            isinstance(max_lora_rank, bool)
+            or not isinstance(max_lora_rank, int)
+            or max_lora_rank <= 0
+        ):
+            raise ValueError(f"max_lora_rank must be a positive int, got {max_lora_rank!r}")
+        self.state_dir = Path(state_dir).resolve()
+        self.base = base
+        self.max_lora_rank = max_lora_rank
+        self.store_dir = self.state_dir / STORE_DIR
+        try:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(
+                503, "registry_unavailable", f"cannot create {self.store_dir}: {exc}"
+            ) from exc
 
     # -- plumbing -----------------------------------------------------------------
 

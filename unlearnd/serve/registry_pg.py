@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from unlearnd.serve.artifacts import BaseModelSpec
-from unlearnd.serve.registry import STORE_DIR, RegistryError, SQLiteRegistry
+from unlearnd.serve.registry import RegistryError, SQLiteRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -191,14 +191,6 @@ class PostgresRegistry(SQLiteRegistry):
         ):
             shown = redact_url(database_url) if isinstance(database_url, str) else database_url
             raise ValueError(f"database_url must be a postgresql:// URL, got {shown!r}")
-        if not isinstance(base, BaseModelSpec):
-            raise ValueError(f"base must be a BaseModelSpec, got {base!r}")
-        if (
-            isinstance(max_lora_rank, bool)
-            or not isinstance(max_lora_rank, int)
-            or max_lora_rank <= 0
-        ):
-            raise ValueError(f"max_lora_rank must be a positive int, got {max_lora_rank!r}")
         for label, value in (
             ("lock_timeout_s", lock_timeout_s),
             ("connect_timeout_s", connect_timeout_s),
@@ -217,16 +209,7 @@ class PostgresRegistry(SQLiteRegistry):
         self.lock_timeout_s = float(lock_timeout_s)
         self.connect_timeout_s = float(connect_timeout_s)
         self.statement_timeout_s = float(statement_timeout_s)
-        self.state_dir = Path(state_dir).resolve()
-        self.base = base
-        self.max_lora_rank = max_lora_rank
-        self.store_dir = self.state_dir / STORE_DIR
-        try:
-            self.store_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RegistryError(
-                503, "registry_unavailable", f"cannot create {self.store_dir}: {exc}"
-            ) from exc
+        self._init_store(state_dir, base, max_lora_rank)
         self._lock = threading.RLock()
         self._conn: Any = None
         self._closed = False
