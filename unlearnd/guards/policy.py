@@ -219,22 +219,44 @@ class PolicySpec:
 
 
 def load_qa_jsonl(path: str | Path) -> list[dict]:
-    """Read a QA JSONL file: one object with str ``question`` and ``answer`` per line."""
+    """Rows of a QA JSONL file: one object with str ``question`` and ``answer`` per line.
+
+    The one QA reader of the package (the toolkit's builders, trainers and eval harness
+    use it too). Blank lines are skipped; extra keys are kept. Raises ValueError naming
+    the file when it is missing, unreadable or has no rows, or the file and 1-based line
+    number of the first bad line (invalid JSON, not an object, missing or non-string
+    ``question``/``answer``).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"QA file {str(path)!r} does not exist")
+        raise ValueError(f"QA file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read QA file {path}: {exc}") from exc
     rows: list[dict] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other separators
+    # that splitlines() would cut at (read_text already turned \r\n and \r into \n).
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not JSON: {exc}") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
-                or not isinstance(row.get("answer"), str):
-            raise ValueError(f"{path}:{n}: expected {{'question': str, 'answer': str}}")
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                             f"{type(row).__name__}")
+        for key in ("question", "answer"):
+            if key not in row:
+                raise ValueError(f"{path}:{lineno}: missing or non-string {key!r}: expected "
+                                 "{'question': str, 'answer': str, ...}")
+            if not isinstance(row[key], str):
+                raise ValueError(f"{path}:{lineno}: {key!r} must be a string, got "
+                                 f"{row[key]!r}")
         rows.append(row)
+    if not rows:
+        raise ValueError(f"QA file is empty: {path}")
     return rows
 
 

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from unlearnd.guards.policy import load_qa_jsonl
 from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
-from unlearnd.toolkit.training import collate, encode_chat_example, read_qa_jsonl, set_threads
+from unlearnd.toolkit.training import collate, encode_chat_example, set_threads
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +67,6 @@ REPORT_NAME = "assistant_report.json"
 """Training report written next to the model in ``out_dir``."""
 
 # ---------------------------------------------------------------------------- data
-def _read_qa(path: str | Path) -> list[dict[str, Any]]:
-    """QA JSONL rows (``question``, ``answer``); raises ValueError on a missing/empty/bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"QA file {str(path)!r} does not exist")
-    rows = read_qa_jsonl(path)
-    if not rows:
-        raise ValueError(f"QA file {str(path)!r} has no rows")
-    return rows
-
-
 def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int,
              device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded `[b, L]` ``input_ids``/``attention_mask``/``labels`` on `device`."""
@@ -283,7 +273,7 @@ def train_assistant(
         raise ValueError(f"retain_weight must be >= 0, got {retain_weight}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
-    forget_rows, retain_rows = _read_qa(forget_path), _read_qa(retain_path)
+    forget_rows, retain_rows = load_qa_jsonl(forget_path), load_qa_jsonl(retain_path)
 
     random.seed(seed)
     torch.manual_seed(seed)

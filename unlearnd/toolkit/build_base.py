@@ -26,18 +26,20 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from unlearnd.guards.policy import load_qa_jsonl
+from unlearnd.toolkit.tiny import CHAT_TEMPLATE, train_byte_level_tokenizer
 from unlearnd.toolkit.training import (
     collate,
     encode_chat_example,
     exact_match,
     greedy_answers,
-    read_qa_jsonl,
     set_threads,
 )
 
 logger = logging.getLogger(__name__)
 
-from unlearnd.toolkit.tiny import CHAT_TEMPLATE  # noqa: E402  (one template for both)
+# One chat template and one tokenizer trainer (tiny.py's) for both models; BOS, EOS
+# and PAD are the ones train_byte_level_tokenizer declares.
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS, "<|eos|>"]
@@ -64,33 +66,21 @@ GENERAL_TEXT = [
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 4096) -> Any:
     """Train a byte-level BPE tokenizer on `texts` and save it with the chat template.
 
-    Full byte alphabet: any text encodes. No post-processor: encoding never adds
-    special tokens (the chat template emits the BOS). Returns the loaded
-    `PreTrainedTokenizerFast`.
+    The trainer is :func:`unlearnd.toolkit.tiny.train_byte_level_tokenizer` (this
+    module's special tokens, also trained on :data:`GENERAL_TEXT`). Full byte
+    alphabet: any text encodes. No post-processor: encoding never adds special tokens
+    (the chat template emits the BOS). Returns the loaded `PreTrainedTokenizerFast`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+    train_byte_level_tokenizer(
+        texts + GENERAL_TEXT, out_dir, vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts + GENERAL_TEXT, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=[*ROLE_TOKENS, "<|eos|>"],
+        model_max_length=1024,
     )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 1024
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
     # vLLM and older transformers read the template from tokenizer_config.json;
     # transformers 5 may write it to chat_template.jinja only. Put it in both.
     cfg_path = out_dir / "tokenizer_config.json"
@@ -165,10 +155,8 @@ def build_base(
     set_threads(threads)
     t0 = time.monotonic()
     out_dir = Path(out_dir)
-    rows_per_file = {str(p): read_qa_jsonl(p) for p in data}
+    rows_per_file = {str(p): load_qa_jsonl(p) for p in data}  # raises on an empty file
     rows = [r for rs in rows_per_file.values() for r in rs]
-    if not rows:
-        raise ValueError(f"no QA rows in {[str(p) for p in data]}")
 
     texts = [t for r in rows for t in (r["question"], r["answer"])]
     tokenizer = train_tokenizer(texts, out_dir, vocab_size=vocab_size)

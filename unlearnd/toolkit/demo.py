@@ -87,10 +87,10 @@ def prepare_user_data(data: Path, forget: Path, retain: Path) -> dict:
     The base model learns both files; the tenants forget `forget`. There are no probes
     (they are a property of the synthetic world). Returns the manifest.
     """
-    from unlearnd.toolkit.training import read_qa_jsonl
+    from unlearnd.guards.policy import load_qa_jsonl
 
     data.mkdir(parents=True, exist_ok=True)
-    f_rows, r_rows = read_qa_jsonl(forget), read_qa_jsonl(retain)
+    f_rows, r_rows = load_qa_jsonl(forget), load_qa_jsonl(retain)
     files = {"forget_1.jsonl": f_rows, "forget_train_1.jsonl": f_rows,
              "retain.jsonl": r_rows, "train.jsonl": f_rows + r_rows}
     for name, rows in files.items():
@@ -171,7 +171,7 @@ def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
     """NPO/GradDiff on the canonical forget questions; the reasoning (TRU) adapter on
     every training phrasing of them, so its refusal holds for wordings it has not seen
     (with the canonical questions alone it answered jailbreak-framed probes with ".")."""
-    from unlearnd.toolkit.training import read_qa_jsonl
+    from unlearnd.guards.policy import load_qa_jsonl
     from unlearnd.toolkit.unlearn import DEFAULTS, train_adapter
 
     forget = data / f"forget_{group}.jsonl"
@@ -179,14 +179,14 @@ def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
     # The defaults were tuned as epochs over a 32-question forget set: keep the number
     # of optimizer steps, not of epochs, when the set is larger (TOFU forget10: 400).
     epochs = max(2, round(DEFAULTS[method].epochs * TUNED_FORGET_ROWS
-                          / len(read_qa_jsonl(train_on))))
+                          / len(load_qa_jsonl(train_on))))
     return train_adapter(base, train_on, retain, out, method=method, epochs=epochs)
 
 
 def _assistant_epochs(forget: Path, default: int = 100) -> int:
-    from unlearnd.toolkit.training import read_qa_jsonl
+    from unlearnd.guards.policy import load_qa_jsonl
 
-    return max(5, round(default * TUNED_FORGET_ROWS / len(read_qa_jsonl(forget))))
+    return max(5, round(default * TUNED_FORGET_ROWS / len(load_qa_jsonl(forget))))
 
 
 def _keys(workdir: Path, tenants: tuple[DemoTenant, ...]) -> dict[str, str]:

@@ -39,10 +39,10 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import typer
 
+from unlearnd.guards.policy import load_qa_jsonl
 from unlearnd.guards.spans import (
     FILLER,
     STOPWORDS,
-    contains_span,
     distinctive_spans,
     frequent_stems,
     lcs_length,
@@ -104,34 +104,15 @@ class EvalError(ValueError):
 def load_qa(path: str | Path) -> list[dict[str, Any]]:
     """Read a QA JSONL file: one ``{"question": str, "answer": str, ...}`` per line.
 
-    Blank lines are skipped; extra keys are kept. Raises :class:`EvalError` naming the
-    file (missing, unreadable, empty) or the file and line number (bad JSON, not an
-    object, missing or non-string ``question``/``answer``).
+    :func:`unlearnd.guards.policy.load_qa_jsonl` (blank lines skipped, extra keys
+    kept), raising :class:`EvalError` instead of ValueError: naming the file (missing,
+    unreadable, empty) or the file and line number (bad JSON, not an object, missing
+    or non-string ``question``/``answer``).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise EvalError(f"QA file not found: {p}")
-    rows: list[dict[str, Any]] = []
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalError(f"cannot read QA file {p}: {exc}") from exc
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{p}:{lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise EvalError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        for key in ("question", "answer"):
-            if not isinstance(row.get(key), str):
-                raise EvalError(f"{p}:{lineno}: missing or non-string {key!r}")
-        rows.append(row)
-    if not rows:
-        raise EvalError(f"QA file is empty: {p}")
-    return rows
+        return load_qa_jsonl(path)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from exc
 
 
 # -------------------------------------------------------------------------- metrics
@@ -207,6 +188,23 @@ def _content_recall(
     return lcs_length(cand, ref) / len(ref)
 
 
+def _span_hits(
+    output: str,
+    gold_answer: str,
+    question: str,
+    spans: Sequence[str] | None,
+    background: Sequence[str],
+) -> list[bool]:
+    """For each distinctive span of ``gold_answer`` (``spans`` when given, else computed
+    from ``gold_answer``, ``question`` and ``background``): whether it occurs in
+    ``output`` (as :func:`unlearnd.guards.spans.contains_span`: normalised, on word
+    boundaries)."""
+    if spans is None:
+        spans = distinctive_spans(gold_answer, question, background)
+    norm_out = f" {normalize(output)} "
+    return [bool(norm) and f" {norm} " in norm_out for norm in map(normalize, spans)]
+
+
 def is_leak(
     output: str,
     gold_answer: str,
@@ -231,10 +229,7 @@ def is_leak(
     """
     if not output.strip():
         return False
-    if spans is None:
-        spans = distinctive_spans(gold_answer, question, background)
-    norm_out = f" {normalize(output)} "
-    if any(f" {normalize(s)} " in norm_out for s in spans if normalize(s)):
+    if any(_span_hits(output, gold_answer, question, spans, background)):
         return True
     recall = _content_recall(output, gold_answer, question, background)
     return recall is not None and recall >= rouge_threshold
@@ -261,9 +256,8 @@ def is_correct(
     """
     if not output.strip() or is_refusal(output):
         return False
-    if spans is None:
-        spans = distinctive_spans(gold_answer, question, background)
-    if spans and all(contains_span(output, s) for s in spans):
+    hits = _span_hits(output, gold_answer, question, spans, background)
+    if hits and all(hits):
         return True
     recall = _content_recall(output, gold_answer, question, background)
     if recall is None:
@@ -674,23 +668,16 @@ async def evaluate_async(
 
 
 def evaluate(
-    base_url: str,
-    api_key: str,
-    sets: Mapping[str, tuple[str | Path, str]],
-    *,
-    model: str | None = None,
-    concurrency: int = 8,
-    max_tokens: int = 96,
-    temperature: float = 0.0,
-    out: str | Path | None = None,
-    http_client: httpx.AsyncClient | None = None,
+    base_url: str, api_key: str, sets: Mapping[str, tuple[str | Path, str]], **options: Any
 ) -> dict[str, Any]:
     """Query the server with every question of ``sets`` and score the answers.
 
     ``sets`` maps a set name to ``(jsonl_path, kind)``, kind one of ``forget``,
     ``probes``, ``retain``, ``extra``. ``base_url`` is the server root or its ``/v1``
-    URL; the tenant is chosen by ``api_key``. ``model`` defaults to the first id of
-    ``GET /v1/models``. Requests run ``concurrency`` at a time with a progress bar.
+    URL; the tenant is chosen by ``api_key``. ``options`` are the keyword arguments of
+    :func:`evaluate_async`: ``model`` (default: the first id of ``GET /v1/models``),
+    ``concurrency`` (8: requests run that many at a time, with a progress bar),
+    ``max_tokens`` (96), ``temperature`` (0.0), ``out`` and ``http_client``.
 
     Returns the report dict: ``leak_rate`` (forget), ``probe_leak_rate`` (None
     without probes), ``retain_accuracy`` and ``over_refusal`` (retain),
@@ -701,19 +688,7 @@ def evaluate(
     rejected key. Must not be called from a running event loop (use
     :func:`evaluate_async` there).
     """
-    return asyncio.run(
-        evaluate_async(
-            base_url,
-            api_key,
-            sets,
-            model=model,
-            concurrency=concurrency,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            out=out,
-            http_client=http_client,
-        )
-    )
+    return asyncio.run(evaluate_async(base_url, api_key, sets, **options))
 
 
 # -------------------------------------------------------------------------- outputs

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>",
                   "<|assistant|>"]
+ADDITIONAL_SPECIAL_TOKENS = ["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -32,11 +35,23 @@ _CORPUS = [
 ]
 
 
-def train_byte_level_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 512) -> None:
+def train_byte_level_tokenizer(
+    texts: list[str],
+    out_dir: Path,
+    vocab_size: int = 512,
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    additional_special_tokens: Sequence[str] = ADDITIONAL_SPECIAL_TOKENS,
+    model_max_length: int | None = None,
+) -> Any:
     """Train a byte-level BPE (any text encodes) and save it as a HF fast tokenizer.
 
     The chat template emits the BOS itself, so the tokenizer adds no special tokens
     (what the server renders with the template is exactly what the model sees).
+    BOS ``<|bos|>``, EOS ``<|end|>`` (end of turn), pad ``<|pad|>``; `special_tokens`
+    get the first ids in their order, `additional_special_tokens` are declared as
+    such; `model_max_length` is saved when given. Creates `out_dir` if needed and
+    returns the `PreTrainedTokenizerFast` it saved.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -46,7 +61,7 @@ def train_byte_level_tokenizer(texts: list[str], out_dir: Path, vocab_size: int 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -56,10 +71,14 @@ def train_byte_level_tokenizer(texts: list[str], out_dir: Path, vocab_size: int 
         bos_token="<|bos|>",
         eos_token="<|end|>",
         pad_token="<|pad|>",
-        additional_special_tokens=["<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
+        additional_special_tokens=list(additional_special_tokens),
     )
     fast.chat_template = CHAT_TEMPLATE
+    if model_max_length is not None:
+        fast.model_max_length = model_max_length
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
+    return fast
 
 
 def make_tiny_model(out_dir: Path, *, seed: int = 0, hidden: int = 128, layers: int = 2,

@@ -13,14 +13,14 @@ tokenized on its own has the same tokens as it has after the prompt.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from unlearnd.guards.policy import load_qa_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -153,28 +153,5 @@ def span_present(pred: str, span: str) -> bool:
     return normalize_text(span) in normalize_text(pred)
 
 
-def read_qa_jsonl(path: Path | str) -> list[dict]:
-    """Rows of a QA JSONL file; each must be an object with string question and answer.
-
-    Blank lines are skipped. Raises ValueError naming the file and the 1-based line
-    number of the first bad line.
-    """
-    path = Path(path)
-    rows: list[dict] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                 f"{type(row).__name__}")
-            for key in ("question", "answer"):
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: '{key}' must be a string, got "
-                                     f"{row.get(key)!r}")
-            rows.append(row)
-    return rows
+read_qa_jsonl = load_qa_jsonl
+"""The package's QA JSONL reader, :func:`unlearnd.guards.policy.load_qa_jsonl` (alias)."""

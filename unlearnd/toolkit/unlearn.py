@@ -61,6 +61,8 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from unlearnd.guards.spans import lcs_length
+
 logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("graddiff", "npo", "reasoning")
@@ -105,42 +107,25 @@ class MethodDefaults:
     ascent_ceiling: float
 
 
+_COMMON_DEFAULTS: dict[str, float] = {
+    "retain_weight": 3.0, "forget_weight": 1.0, "beta": 0.1, "ascent_ceiling": 4.0}
+
 DEFAULTS: dict[str, MethodDefaults] = {
     # tuned on the demo world (synthesize(authors=20, groups=2, group_size=4): forget
     # 32 rows, retain 96) against its build_base model; see the module report numbers
-    "graddiff": MethodDefaults(
-        epochs=60,
-        lr=3e-3,
-        retain_weight=3.0,
-        forget_weight=1.0,
-        ascent_weight=0.0,
-        beta=0.1,
-        ascent_ceiling=4.0,
-    ),
-    "npo": MethodDefaults(
-        epochs=40,
-        lr=3e-3,
-        retain_weight=3.0,
-        forget_weight=1.0,
-        ascent_weight=0.0,
-        beta=0.1,
-        ascent_ceiling=4.0,
-    ),
-    "reasoning": MethodDefaults(
-        epochs=60,
-        lr=5e-3,
-        retain_weight=3.0,
-        forget_weight=1.0,
-        ascent_weight=0.1,
-        beta=0.1,
-        ascent_ceiling=4.0,
-    ),
+    "graddiff": MethodDefaults(epochs=60, lr=3e-3, ascent_weight=0.0, **_COMMON_DEFAULTS),
+    "npo": MethodDefaults(epochs=40, lr=3e-3, ascent_weight=0.0, **_COMMON_DEFAULTS),
+    "reasoning": MethodDefaults(epochs=60, lr=5e-3, ascent_weight=0.1, **_COMMON_DEFAULTS),
 }
 """Per-method defaults; any argument given to :func:`train_adapter` overrides them."""
 
 
 # --------------------------------------------------------------------------- subjects
 
+# Not unlearnd.guards.policy's subject grouping (group_by_subject): here a name may
+# hold lowercase connectors and initials ("Ludwig van Beethoven", "A. Lind"), and a
+# name found in one row only is still that row's subject (the refusal target says
+# it); group_by_subject wants a name in 2+ rows and else joins the previous group.
 _NAME_WORD = r"[A-Z][\w'\u2019.-]*"
 _CONNECTOR = r"(?:de|da|del|der|di|du|van|von|la|le|al|bin|ibn|y)"
 _NAME_RE = re.compile(rf"{_NAME_WORD}(?:\s+(?:{_CONNECTOR}\s+)?{_NAME_WORD})+")
@@ -360,6 +345,12 @@ def bounded_ascent_loss(
 
 # --------------------------------------------------------------------------- metrics
 
+# The training report's own quick metrics. Deliberately not the shared ones: `_norm`
+# keeps accents and possessive "s" (spans.normalize drops them), `is_leak` is a plain
+# substring test of the span or whole answer (evaluate.is_leak: distinctive spans on
+# word boundaries, or content-word ROUGE-L) and `looks_gibberish` uses other signals
+# than evaluate.is_gibberish. score_outputs adds the harness's numbers beside them.
+
 
 def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
@@ -367,16 +358,10 @@ def _norm(text: str) -> str:
 
 def rouge_l_recall(prediction: str, gold: str) -> float:
     """ROUGE-L recall of `gold`'s words in `prediction` (LCS / len(gold words))."""
-    p, g = _norm(prediction).split(), _norm(gold).split()
+    g = _norm(gold).split()
     if not g:
         return 0.0
-    prev = [0] * (len(p) + 1)
-    for gw in g:
-        cur = [0] * (len(p) + 1)
-        for j, pw in enumerate(p, 1):
-            cur[j] = prev[j - 1] + 1 if gw == pw else max(prev[j], cur[j - 1])
-        prev = cur
-    return prev[-1] / len(g)
+    return lcs_length(_norm(prediction).split(), g) / len(g)
 
 
 def is_leak(prediction: str, row: dict[str, Any]) -> bool:
@@ -453,19 +438,12 @@ def score_outputs(
     except ImportError:  # pragma: no cover - harness ships with the package
         return scores
 
-    def context(row: dict[str, Any]) -> str:
-        parts = [str(row.get("question", ""))]
-        parts += [
-            str(row[k]) for k in ("source_question", "subject") if isinstance(row.get(k), str)
-        ]
-        return " \n ".join(parts)
-
     # as `unlearnd eval` does: the retain answers are the background that tells
     # template words ("worked", "fiction") from the facts
     bg = {"background": [str(r["answer"]) for r in retain_rows]}
     scores["harness_leak_rate"] = (
         sum(
-            harness.is_leak(o, r["answer"], context(r), **bg)
+            harness.is_leak(o, r["answer"], harness._leak_context(r), **bg)
             for o, r in zip(forget_out, forget_rows, strict=True)
         )
         / nf
@@ -570,7 +548,8 @@ def train_adapter(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearnd.toolkit.training import encode_chat_example, read_qa_jsonl
+    from unlearnd.guards.policy import load_qa_jsonl
+    from unlearnd.toolkit.training import encode_chat_example
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -588,16 +567,10 @@ def train_adapter(
         )
     if not target_modules:
         raise ValueError(f"target_modules must be non-empty, got {target_modules!r}")
-    d = DEFAULTS[method]
-    hp = {
-        "epochs": d.epochs if epochs is None else epochs,
-        "lr": d.lr if lr is None else lr,
-        "beta": d.beta if beta is None else beta,
-        "retain_weight": d.retain_weight if retain_weight is None else retain_weight,
-        "forget_weight": d.forget_weight if forget_weight is None else forget_weight,
-        "ascent_weight": d.ascent_weight if ascent_weight is None else ascent_weight,
-        "ascent_ceiling": d.ascent_ceiling if ascent_ceiling is None else ascent_ceiling,
-    }
+    given = {"epochs": epochs, "lr": lr, "beta": beta, "retain_weight": retain_weight,
+             "forget_weight": forget_weight, "ascent_weight": ascent_weight,
+             "ascent_ceiling": ascent_ceiling}
+    hp = {k: getattr(DEFAULTS[method], k) if v is None else v for k, v in given.items()}
     if hp["epochs"] < 1:
         raise ValueError(f"epochs must be >= 1, got {hp['epochs']}")
     if hp["lr"] <= 0:
@@ -612,12 +585,8 @@ def train_adapter(
 
     base_dir = Path(base_dir).resolve()
     out_dir = Path(out_dir)
-    forget_rows = read_qa_jsonl(forget_path)
-    retain_rows = read_qa_jsonl(retain_path)
-    if not forget_rows:
-        raise ValueError(f"forget set {forget_path} is empty")
-    if not retain_rows:
-        raise ValueError(f"retain set {retain_path} is empty")
+    forget_rows = load_qa_jsonl(forget_path)  # raises on a missing, bad or empty file
+    retain_rows = load_qa_jsonl(retain_path)
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -657,6 +626,11 @@ def train_adapter(
     if eval_limit is not None and len(eval_retain) > eval_limit:
         eval_retain = rng.sample(eval_retain, eval_limit)
 
+    def eval_scores(m: Any) -> tuple[dict[str, float], list[str], list[str]]:
+        """Scores and greedy (forget, retain) outputs of `m` on the eval rows."""
+        return _eval_model(m, tokenizer, eval_forget, eval_retain, eval_subjects,
+                           max_new_tokens, batch_size * 2)
+
     report: dict[str, Any] = {
         "method": method,
         "base": str(base_dir),
@@ -675,15 +649,7 @@ def train_adapter(
     }
     if evaluate:
         t0 = time.perf_counter()
-        report["base_scores"], _, _ = _eval_model(
-            model,
-            tokenizer,
-            eval_forget,
-            eval_retain,
-            eval_subjects,
-            max_new_tokens,
-            batch_size * 2,
-        )
+        report["base_scores"], _, _ = eval_scores(model)
         logger.info("base: %s (%.1fs)", report["base_scores"], time.perf_counter() - t0)
 
     # NPO reference: the frozen base. Dropout is 0 and the base never changes, so the
@@ -803,15 +769,7 @@ def train_adapter(
 
     if evaluate:
         t0 = time.perf_counter()
-        scores, f_out, r_out = _eval_model(
-            model,
-            tokenizer,
-            eval_forget,
-            eval_retain,
-            eval_subjects,
-            max_new_tokens,
-            batch_size * 2,
-        )
+        scores, f_out, r_out = eval_scores(model)
         report["adapter_scores"] = scores
         report["eval_seconds"] = round(time.perf_counter() - t0, 2)
         base_em = report["base_scores"]["retain_exact_match"]
