@@ -26,8 +26,9 @@ POLL_S = 0.5
 # What the bound allows on top of the poll interval: B reads the registry (in a thread)
 # and loads the adapter into its engine (a vLLM utility call, run between engine steps)
 # before routing. On this 2-core box with both replicas under load that measured
-# 0.2-2.5 s once each replica's vLLM worker had its own core (see `replica_cores`).
-LOAD_SLACK_S = 10.0
+# 0.3-2.5 s alone and 4.4 s inside the full suite, once each replica's vLLM worker had
+# its own core (see `replica_cores`); before, 2.4-44.6 s. The slack leaves CI headroom.
+LOAD_SLACK_S = 20.0
 PROMPTS = ["Tell me about the author.", "Who wrote the book?", "What is the capital?"]
 TENANT = "swap"
 
