@@ -10,6 +10,7 @@ a real adapter slot sidesteps that and costs one slot of `max_loras`.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -162,4 +163,11 @@ class VllmEngine:
         await self._llm.check_health()
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        # Drop our reference once shut down: AsyncLLM.__del__ shuts down again, and left
+        # to interpreter exit it runs after vLLM's module globals are gone (a
+        # "'NoneType' object is not callable" traceback in every server's last log line).
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm
+            gc.collect()
