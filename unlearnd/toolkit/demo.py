@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -139,10 +139,14 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     needed_adapters = {t.adapter for t in tenants if t.adapter}
     needed_policies = {t.policy for t in tenants if t.policy}
     retain = data / "retain.jsonl"
+    from unlearnd.toolkit.unlearn import DEFAULTS
+
     for name in sorted(needed_adapters):
         method, group = ADAPTERS[name]
         out = workdir / "adapters" / name
-        _cached(out, {"world": world, "method": method, "group": group, "v": 3},
+        # The method's defaults are part of the key: changing them retrains.
+        _cached(out, {"world": world, "method": method, "group": group, "v": 3,
+                      "defaults": asdict(DEFAULTS[method])},
                 lambda out=out, method=method, group=group: _train_adapter(
                     data, group, retain, base, out, method))
         paths[f"adapter:{name}"] = out

@@ -31,7 +31,7 @@ serving the same adapter gave identical greedy text):
 
     method     steps  train s  forget leak  retain EM  gibberish
     graddiff     120      ~18         0.06       1.00       0.21
-    npo           80      ~15         0.03       1.00       0.23
+    npo           80      ~15         0.06       1.00       0.09
     reasoning    120      ~50         0.00       1.00       0.00
 
 (leak as ``unlearnd eval`` computes it, retain answers as background; base: leak
@@ -114,7 +114,12 @@ DEFAULTS: dict[str, MethodDefaults] = {
     # tuned on the demo world (synthesize(authors=20, groups=2, group_size=4): forget
     # 32 rows, retain 96) against its build_base model; see the module report numbers
     "graddiff": MethodDefaults(epochs=60, lr=3e-3, ascent_weight=0.0, **_COMMON_DEFAULTS),
-    "npo": MethodDefaults(epochs=40, lr=3e-3, ascent_weight=0.0, **_COMMON_DEFAULTS),
+    # NPO's retain weight 10, not 3: on TOFU forget10 (400 rows, long answers, a base
+    # holding 700 of them) weight 3 kept 0.82x of the base's retain accuracy, 10 keeps
+    # 0.995x at the same leak (0.03); on the demo world 10 cost one more leaking forget
+    # question of 32 in group 1 (0.031 -> 0.062), none in group 2, and halved gibberish.
+    "npo": MethodDefaults(epochs=40, lr=3e-3, ascent_weight=0.0,
+                          **{**_COMMON_DEFAULTS, "retain_weight": 10.0}),
     "reasoning": MethodDefaults(epochs=60, lr=5e-3, ascent_weight=0.1, **_COMMON_DEFAULTS),
 }
 """Per-method defaults; any argument given to :func:`train_adapter` overrides them."""
