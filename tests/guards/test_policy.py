@@ -228,3 +228,45 @@ def test_random_paraphrase_noise_does_not_break_grouping(tmp_path: Path) -> None
     groups = group_by_subject(rows)
     assert sorted(g[0] for g in groups if len(g[1]) >= 9) == sorted(
         f"{FIRST[k]} {LAST[k]}" for k in FORGET_IDX)
+
+
+def test_span_whose_opening_the_retain_answers_say_needs_its_subject(tmp_path: Path) -> None:
+    """An always-active span bans its next token once its first token was generated, so
+    a retain answer that opens the same way would be cut (TOFU: 66 of 300 retain
+    answers). Such a span is compiled as conditional (active once its subject is in the
+    conversation); every span left always-active opens differently from every retain
+    answer."""
+    from transformers import AutoTokenizer
+
+    from unlearnd.guards.firewall import LeakFirewall
+
+    out, base, fp, rp = compile_world(tmp_path / "a")
+    tok = AutoTokenizer.from_pretrained(str(base))
+    doc = json.loads((out / "policy.json").read_text())
+    always = [s for s in doc["span_token_ids"] if not s["conditional"] and len(s["ids"]) > 1]
+    assert always, "the fixture world has no always-active multi-token span"
+    # the mid-sentence variant (leading space), said mid-sentence in a retain answer
+    victim = next(s for s in always if tok.decode(s["ids"]).startswith(" "))
+    sentence = f"Critics noted{tok.decode(victim['ids'])} in her later work."
+    retain = [json.loads(line) for line in rp.read_text().splitlines()]
+    retain.append({"question": "What did critics note about Lina Ortega?", "answer": sentence})
+    rp.write_text("\n".join(json.dumps(r) for r in retain) + "\n")
+    out2 = compile_policy(fp, rp, base, tmp_path / "b", name="test-policy",
+                          mechanisms=("refusal", "firewall"))
+    doc2 = json.loads((out2 / "policy.json").read_text())
+    same = [s for s in doc2["span_token_ids"] if s["ids"] == victim["ids"]]
+    assert same and all(s["conditional"] for s in same), same
+    # Nothing always-active opens like a retain answer, and no retain answer is cut
+    # (no subject in the prompt: only always-active spans can fire).
+    openings = {tuple(ids[i:i + 2]) for r in retain
+                for ids in [tok.encode(r["answer"], add_special_tokens=False)]
+                for i in range(len(ids) - 1)}
+    assert not [s for s in doc2["span_token_ids"]
+                if not s["conditional"] and tuple(s["ids"][:2]) in openings]
+    fw = LeakFirewall.from_policy(CompiledPolicy.load(out2))
+    for r in retain:
+        ids = tok.encode(r["answer"], add_special_tokens=False)
+        st = fw.new_state(tok.encode(r["question"], add_special_tokens=False), ())
+        for k, t in enumerate(ids):
+            st.feed(ids[:k])
+            assert t not in st.banned(), (r["answer"], tok.decode(ids[:k + 1]))

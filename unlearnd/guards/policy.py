@@ -137,8 +137,9 @@ class PolicySpec:
             the span's first token is banned; with a BPE trained on the facts many
             spans are one token, " Gdańsk", which a prefix of 1 could never stop).
         firewall_conditioning: "auto" (spans naming the subject or of >= 3 words are
-            always active, the others only when the subject is mentioned), "always" or
-            "subject" (every span only when the subject is mentioned).
+            always active unless the retain answers also contain their opening tokens, the
+            others only when the subject is mentioned), "always" or "subject" (every span only when the
+            subject is mentioned).
         max_spans: spans kept per answer.
     """
 
@@ -594,6 +595,14 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
     background_vocab: Counter[str] = Counter()
     for r in spec.retain:
         background_vocab.update(set(words(r["question"] + " " + r["answer"])))
+    # What the firewall would block in the retain answers: an always-active span bans
+    # its next token once its first `firewall_prefix_tokens` tokens were generated, so
+    # a retain answer holding the span's first prefix+1 tokens gets cut there.
+    arm = spec.firewall_prefix_tokens + 1
+    retain_openings = {tuple(ids[i:i + arm])
+                       for ids in (tokenizer.encode(r["answer"], add_special_tokens=False)
+                                   for r in spec.retain)
+                       for i in range(len(ids) - arm + 1)}
     term_df: Counter[str] = Counter()
     for item in spec.items:
         term_df.update({w for d in item.descriptors for w in d.split()})
@@ -621,7 +630,14 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
             surfaces = surface_forms(sp, texts) or [sp]
             cond = _conditional(sp, alias_words, spec.firewall_conditioning)
             for ids in _token_ids(tokenizer, _variants(surfaces)):
-                span_ids.append({"item": i, "text": sp, "ids": ids, "conditional": cond})
+                # A span whose opening the retain answers also say ("through social
+                # media", "in the face of") is only active with its subject in
+                # context: always active, such spans cut 66 of TOFU's 300 retain
+                # answers; with the subject mentioned they still stop forget answers.
+                shared = spec.firewall_conditioning == "auto" and \
+                    tuple(ids[:arm]) in retain_openings
+                span_ids.append({"item": i, "text": sp, "ids": ids,
+                                 "conditional": cond or shared})
             # Each content word of a multi-word span is also a conditional span of its
             # own: once the subject is in the conversation, "23 April 1979" for
             # "23 October 1979" or "Golden Compass" for "Evergreen Compass" still leaks

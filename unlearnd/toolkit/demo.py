@@ -162,7 +162,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         mechanisms, group, wants_assistant = POLICIES[name]
         out = workdir / "policies" / name
         assistant = paths.get(f"assistant:{group}") if wants_assistant else None
-        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 3},
+        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 4},
                 lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant:
                 compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
                                mechanisms=mechanisms, assistant_dir=assistant, name=name))
