@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.serve.fakes import (
+    CHAT,
+    HELLO,
     FakeEngine,
     RunningApp,
     base_vocab_size,
-    fake_load_guards,
     fresh_metrics,
     make_config,
     make_policy_dir,
@@ -31,14 +32,9 @@ from tests.serve.fakes import (
 from unlearnd.serve.artifacts import BaseModelSpec
 from unlearnd.serve.registry import SQLiteRegistry
 
-HELLO = [{"role": "user", "content": "Tell me about the fox."}]
+pytestmark = pytest.mark.usefixtures("fake_guards")
+
 SECRET = [{"role": "user", "content": "Where does Voldemort live?"}]
-CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(autouse=True)
-def _fake_guards(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", fake_load_guards)
 
 
 def fail(message: str) -> None:

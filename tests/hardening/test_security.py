@@ -20,8 +20,10 @@ import pytest
 
 from tests.serve.fakes import (
     ADMIN_KEY,
+    CHAT,
+    COMP,
+    HELLO,
     KEYS,
-    fake_load_guards,
     make_config,
     make_policy_dir,
     running_app,
@@ -31,22 +33,7 @@ from tests.serve.fakes import (
 from unlearnd.serve.limits import LimitExceeded, TenantLimiter, TenantLimits, wrap_stream
 from unlearnd.serve.protocol import APIError
 
-HELLO = [{"role": "user", "content": "Tell me about the fox."}]
-CHAT = "/v1/chat/completions"
-COMP = "/v1/completions"
-
-
-@pytest.fixture(autouse=True)
-def _fake_guards(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", fake_load_guards)
-
-
-@pytest.fixture()
-def app(tmp_path: Path):
-    config = make_config(tmp_path / "state", limits={"max_messages": 4, "max_n": 3,
-                                                     "max_tokens": 64, "max_body_bytes": 4096})
-    with running_app(config) as running:
-        yield running
+pytestmark = pytest.mark.usefixtures("fake_guards")
 
 
 def fail(message: str) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from unlearnd.serve.artifacts import POLICY_FORMAT
@@ -399,3 +400,28 @@ def wait_until(pred: Any, timeout_s: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return bool(pred())
+
+
+# ---------------------------------------------------------------- shared test pieces
+
+HELLO = [{"role": "user", "content": "Tell me about the fox."}]
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+
+
+# Fixtures, registered for every test module by tests/conftest.py. `fake_guards` is not
+# autouse: a module opts in with `pytestmark = pytest.mark.usefixtures("fake_guards")`.
+
+@pytest.fixture()
+def fake_guards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace the server's policy loading with `fake_load_guards`."""
+    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", fake_load_guards)
+
+
+@pytest.fixture()
+def app(tmp_path: Path) -> Iterator[RunningApp]:
+    """A running app with small request limits (4 messages, n 3, 64 tokens, 4 KiB)."""
+    config = make_config(tmp_path / "state", limits={"max_messages": 4, "max_n": 3,
+                                                     "max_tokens": 64, "max_body_bytes": 4096})
+    with running_app(config) as running:
+        yield running

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.serve.fakes import (
+    CHAT,
+    COMP,
+    HELLO,
     FakeEngine,
     base_vocab_size,
     fake_load_guards,
@@ -21,22 +24,7 @@ from tests.serve.fakes import (
 )
 from unlearnd.serve.serving import POLICY_HEADER
 
-HELLO = [{"role": "user", "content": "Tell me about the fox."}]
-CHAT = "/v1/chat/completions"
-COMP = "/v1/completions"
-
-
-@pytest.fixture(autouse=True)
-def _fake_guards(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", fake_load_guards)
-
-
-@pytest.fixture()
-def app(tmp_path: Path):
-    config = make_config(tmp_path / "state", limits={"max_messages": 4, "max_n": 3,
-                                                     "max_tokens": 64, "max_body_bytes": 4096})
-    with running_app(config) as running:
-        yield running
+pytestmark = pytest.mark.usefixtures("fake_guards")
 
 
 def chat_prompt(messages: list[dict]) -> list[int]:
