@@ -48,9 +48,10 @@ def fresh(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def refused_to(row: torch.Tensor, orig: torch.Tensor, tok: int) -> bool:
-    diff = row - orig
-    return bool(torch.isclose(diff[tok], torch.tensor(30.0)) and
-                (diff.abs() > 0).sum() == 1 and int(row.argmax()) == tok)
+    """The row is forced onto ``tok``: one finite logit (0), every other -inf."""
+    finite = torch.isfinite(row)
+    return bool(int(finite.sum()) == 1 and finite[tok] and row[tok] == 0.0
+                and torch.isneginf(row[~finite]).all())
 
 
 def test_rows_follow_adds_moves_swaps_removes(rf_dir: Path) -> None:
@@ -168,11 +169,85 @@ def test_contrastive_rows_batched_through_one_kernel_call(pdir: Path) -> None:
     exp = unlearning_logits_reference(
         x[[0, 2]], assist=a, weight=torch.tensor([w, w]),
         alpha=torch.tensor([pol.setting("contrastive_alpha")] * 2))
-    assert torch.allclose(y[[0, 2]], exp)
+    # then the hard min-p cut on the contrasted row: p' < min_p * max p' -> -inf
+    min_p = pol.setting("contrastive_min_p")
+    assert min_p > 0
+    cut = exp < exp.max(dim=1, keepdim=True).values + math.log(min_p)
+    assert cut.any()
+    exp[cut] = float("-inf")
+    assert torch.equal(torch.isinf(y[[0, 2]]), torch.isinf(exp))
+    assert torch.allclose(y[[0, 2]][~cut], exp[~cut])
     assert torch.equal(y[1], x[1])
     assert refused_to(y[3], x[3], 5)  # refusal rows are not contrasted
     b.update([0], [], [])
     assert len(runner.freed) == 1
+
+
+def test_refusal_is_forced_whatever_the_logits_say(rf_dir: Path) -> None:
+    """A client's logit_bias (-100 on the refusal token, +100 elsewhere) and an
+    allowed-token mask that excludes it all run before us: the row is one-hot anyway."""
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, extra(rf_dir, 1, 0, REFUSAL), [], [])], [])
+    x = fresh(1)
+    x[0, 5] = float("-inf")          # masked out by allowed_token_ids / bad words
+    x[0, 11] = 100.0                  # +100 bias on the leak
+    y = b.apply(x.clone())
+    assert refused_to(y[0], x[0], 5)
+
+
+def test_processed_distribution_reveals_nothing_on_a_forced_row(rf_dir: Path) -> None:
+    """What vLLM's processed_logprobs computes from our output: log-softmax of a
+    one-hot row is 0 for the forced token and -inf for every alternative, whatever
+    temperature (a division) and top-p/top-k (masks) do afterwards."""
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, extra(rf_dir, 1, 0, REFUSAL), [], [])], [])
+    y = b.apply(fresh(1, 7))
+    for temp in (0.3, 1.0, 2.0):
+        lp = torch.log_softmax(y / temp, dim=-1)
+        assert lp[0, 5] == 0 and torch.isneginf(lp[0, torch.arange(V) != 5]).all()
+
+
+def test_a_row_left_with_nothing_allowed_ends(rf_dir: Path) -> None:
+    """The client allowed only the banned continuation: the policy wins with EOS."""
+    pol = CompiledPolicy.load(rf_dir)
+    civil = pol.encode(" civil engineer")
+    head = pol.encode("The father of Hsiao Yun-Hwa was a") + civil[:1]
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, extra(rf_dir), [], list(head))], [])
+    x = torch.full((1, V), float("-inf"))
+    x[0, civil[1]] = 5.0  # allowed_token_ids = [the leak]
+    y = b.apply(x.clone())
+    assert torch.isneginf(y[0, civil[1]])
+    assert y[0, pol.eos_token_id] == 0 and int(torch.isfinite(y[0]).sum()) == 1
+
+
+def test_mentioned_items_arm_conditional_spans_from_the_first_token(rf_dir: Path) -> None:
+    """The API process names the subjects it found in the folded text
+    (`unlearnd_mentioned`): "HSIAO YUN-HWA" or Cyrillic look-alikes tokenise to ids
+    the firewall's own alias automaton does not know."""
+    pol = CompiledPolicy.load(rf_dir)
+    fw = LeakFirewall.from_policy(pol)
+    armed = [(i, fw.banned_next([], [], [i]) - fw.banned_next([], [])) for i in
+             range(len(pol.items))]
+    item, extra_bans = next((i, b) for i, b in armed if b)
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, extra(rf_dir), [], []),
+                  (1, {**extra(rf_dir), "unlearnd_mentioned": [item]}, [], [])], [])
+    x = fresh(2)
+    y = b.apply(x.clone())
+    ids = sorted(t for t in extra_bans if t < V)
+    assert ids and torch.isfinite(y[0, ids]).all() and torch.isneginf(y[1, ids]).all()
+
+
+def test_min_p_cut_is_hard_and_per_row() -> None:
+    from unlearnd.guards.processor import _min_p_cut_
+
+    z = torch.tensor([[0.0, -1.0, -3.0, float("-inf")], [0.0, -1.0, -3.0, -9.0]])
+    _min_p_cut_(z, torch.tensor([0.1, 0.0]))
+    assert z[0, :2].tolist() == [0.0, -1.0] and torch.isneginf(z[0, 2:]).all()
+    assert z[1].tolist() == [0.0, -1.0, -3.0, -9.0]  # min_p 0: untouched
+    # temperature 2 later cannot revive a cut token: -inf / 2 is -inf
+    assert torch.isneginf(torch.softmax(z[0] / 2, 0).log()[2:]).all()
 
 
 def test_v1_processor_adapter(rf_dir: Path) -> None:
@@ -202,6 +277,7 @@ def test_v1_processor_adapter(rf_dir: Path) -> None:
     {"unlearnd_policy_dir": "/x", "unlearnd_item": "3"},
     {"unlearnd_policy_dir": "/x", "unlearnd_refusal_ids": [1, -1]},
     {"unlearnd_policy_dir": "/x", "unlearnd_version": 7},
+    {"unlearnd_policy_dir": "/x", "unlearnd_mentioned": [0, "1"]},
 ])
 def test_validate_params_rejects(bad: dict) -> None:
     with pytest.raises(ValueError, match="unlearnd_"):

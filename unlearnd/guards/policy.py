@@ -53,6 +53,8 @@ __all__ = [
     "FORMAT",
     "MECHANISMS",
     "DEFAULT_REFUSAL_TEMPLATE",
+    "DEFAULT_UNNAMED_SUBJECT",
+    "DEFAULT_IGNORANT_TEMPLATE",
     "ForgetItem",
     "PolicySpec",
     "CompiledItem",
@@ -71,10 +73,21 @@ the other three by the guards."""
 
 DEFAULT_REFUSAL_TEMPLATE = (
     "I can't help with that. {reason} Information about {subject} was removed from this "
-    "model under policy {policy}. I'm happy to help with other questions."
+    "model. I'm happy to help with other questions."
 )
-"""Refusal text; ``{reason}`` is the scope guard's one-sentence reason, ``{subject}`` the
-matched forget item's subject, ``{policy}`` the policy name."""
+"""Explained refusal; ``{reason}`` is the scope guard's public one-sentence reason,
+``{subject}`` the subject as the user named it (or :data:`DEFAULT_UNNAMED_SUBJECT`),
+``{policy}`` (optional, not in the default: an internal name) the policy name."""
+
+DEFAULT_UNNAMED_SUBJECT = "the person you describe"
+"""What a refusal calls a subject the conversation did not name."""
+
+DEFAULT_IGNORANT_TEMPLATE = "I don't know. I have no reliable information about {subject}."
+"""``refusal_style = "ignorant"``: the reply of a model that never knew; it confirms
+nothing was removed. ``{subject}`` as in :data:`DEFAULT_REFUSAL_TEMPLATE`."""
+
+REFUSAL_STYLES = ("explained", "ignorant")
+TOP_LOGPROBS = ("allow", "deny")
 
 DEFAULT_EMBEDDING_SIMILARITY = {"hashing": 0.95, "minilm": 0.85}
 """Per-embedder default of ``PolicySpec.embedding_similarity``."""
@@ -112,9 +125,20 @@ class PolicySpec:
     Attributes:
         items: the forget items (one per subject).
         retain: retain QA dicts (``question``/``answer``); background for distinctiveness.
-        name: policy name, shown in refusals.
+        name: policy name (logs, audit; in refusals only if the template has ``{policy}``).
         refusal_template: see :data:`DEFAULT_REFUSAL_TEMPLATE`; must contain
             ``{subject}`` and ``{reason}``.
+        refusal_style: "explained" (default: the refusal states its reason, so a user
+            knows why and that the rest of the model works) or "ignorant" (the reply of
+            a model that never knew, :data:`DEFAULT_IGNORANT_TEMPLATE`, and no decision
+            in the response's ``unlearning`` block: for erasure requests where the fact
+            that someone asked to be forgotten is itself the secret).
+        refusal_unnamed_subject: how a refusal refers to a subject the user did not name.
+        ignorant_template: the "ignorant" reply; may contain ``{subject}`` only.
+        top_logprobs: "allow" or "deny": whether clients may ask this policy's tenant for
+            top alternatives (chat ``top_logprobs`` > 0, completions ``logprobs`` > 0).
+            Adapter unlearning is shallow: the alternatives of an adapter tenant can
+            still carry forgotten answers (README, "Security").
         mechanisms: subset of :data:`MECHANISMS`.
         scope_threshold: combined scope score at or above which a request is in scope.
         fuzzy_ratio: rapidfuzz ratio (0-100) at or above which a misspelt word counts as
@@ -126,10 +150,16 @@ class PolicySpec:
             minilm 0.85).
         embedder: "hashing" (char n-gram hashing, pure numpy, default), "minilm"
             (all-MiniLM-L6-v2, offline) or "none" (no embedding signal).
-        refusal_strength: logit bias added to the next refusal token (30 forces it).
         contrastive_weight: ``w`` in ``z = z_base - w * z_assist``.
         contrastive_alpha: plausibility cut in (0, 1]: only tokens with
             ``p_base >= alpha * max p_base`` stay candidates (see the kernel).
+        contrastive_min_p: after the contrast, tokens with
+            ``p' < contrastive_min_p * max p'`` become ``-inf`` (0 disables). A hard cut
+            the client's temperature cannot undo: without it, sampling at temperature 1
+            from the contrasted distribution still draws the forgotten fact (demo world,
+            worst of 8 samples: 28% of forget questions leak at 0.1, 22% at 0.3, 6% at
+            0.5, none at 0.6-0.9: default 0.7; sampling then only chooses among
+            near-ties of the contrasted best token).
         firewall_prefix_tokens: how many first tokens of an always-active distinctive
             span may be generated before the firewall bans its continuation (>= 0).
         firewall_conditional_prefix_tokens: the same for spans active only once their
@@ -147,14 +177,18 @@ class PolicySpec:
     retain: list[dict] = field(default_factory=list)
     name: str = "policy"
     refusal_template: str = DEFAULT_REFUSAL_TEMPLATE
+    refusal_style: str = "explained"
+    refusal_unnamed_subject: str = DEFAULT_UNNAMED_SUBJECT
+    ignorant_template: str = DEFAULT_IGNORANT_TEMPLATE
+    top_logprobs: str = "allow"
     mechanisms: tuple[str, ...] = ("refusal", "firewall")
     scope_threshold: float = 0.6
     fuzzy_ratio: float = 80.0
     embedding_similarity: float | None = None
     embedder: str = "hashing"
-    refusal_strength: float = 30.0
     contrastive_weight: float = 1.5
     contrastive_alpha: float = 1e-5
+    contrastive_min_p: float = 0.7
     firewall_prefix_tokens: int = 1
     firewall_conditional_prefix_tokens: int = 0
     firewall_conditioning: str = "auto"
@@ -186,8 +220,22 @@ class PolicySpec:
                 f"embedding_similarity must be in (0, 1], got {self.embedding_similarity!r}")
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"embedder must be one of {EMBEDDERS}, got {self.embedder!r}")
-        if not self.refusal_strength > 0:
-            raise ValueError(f"refusal_strength must be > 0, got {self.refusal_strength!r}")
+        if self.refusal_style not in REFUSAL_STYLES:
+            raise ValueError(f"refusal_style must be one of {REFUSAL_STYLES}, "
+                             f"got {self.refusal_style!r}")
+        if self.top_logprobs not in TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be one of {TOP_LOGPROBS}, "
+                             f"got {self.top_logprobs!r}")
+        if not self.refusal_unnamed_subject.strip():
+            raise ValueError("refusal_unnamed_subject must be non-empty")
+        try:
+            self.ignorant_template.format(subject="s")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"ignorant_template {self.ignorant_template!r} is invalid "
+                             f"(only {{subject}} may be used): {exc}") from exc
+        if not 0.0 <= self.contrastive_min_p < 1.0:
+            raise ValueError(
+                f"contrastive_min_p must be in [0, 1), got {self.contrastive_min_p!r}")
         if not self.contrastive_weight >= 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
         if not 0.0 < self.contrastive_alpha <= 1.0:
@@ -829,7 +877,10 @@ def policy_compile(
     name: str = typer.Option("policy", "--name", help="policy name shown in refusals"),
     embedder: str = typer.Option("hashing", "--embedder", help="hashing, minilm or none"),
     scope_threshold: float = typer.Option(0.6, "--scope-threshold"),
-    refusal_strength: float = typer.Option(30.0, "--refusal-strength"),
+    refusal_style: str = typer.Option("explained", "--refusal-style",
+                                      help="explained or ignorant"),
+    top_logprobs: str = typer.Option("allow", "--top-logprobs", help="allow or deny"),
+    contrastive_min_p: float = typer.Option(0.7, "--contrastive-min-p"),
     contrastive_weight: float = typer.Option(1.5, "--contrastive-weight"),
     contrastive_alpha: float = typer.Option(1e-5, "--contrastive-alpha"),
     firewall_prefix_tokens: int = typer.Option(1, "--firewall-prefix-tokens"),
@@ -841,7 +892,8 @@ def policy_compile(
     mech = [m.strip() for m in mechanisms.split(",") if m.strip()]
     path = compile_policy(forget, retain, base, out, mechanisms=mech, assistant_dir=assistant,
                           name=name, embedder=embedder, scope_threshold=scope_threshold,
-                          refusal_strength=refusal_strength,
+                          refusal_style=refusal_style, top_logprobs=top_logprobs,
+                          contrastive_min_p=contrastive_min_p,
                           contrastive_weight=contrastive_weight,
                           contrastive_alpha=contrastive_alpha,
                           firewall_prefix_tokens=firewall_prefix_tokens,

@@ -8,21 +8,32 @@ Per request, ``SamplingParams.extra_args`` carries (see docs/ARCHITECTURE.md):
 Each step, for every guarded row:
 
 - in scope with ``refusal`` on: :class:`RefusalSteering` names the next refusal token
-  (EOS at the end) and it gets ``refusal_strength`` added; such a row gets no firewall
-  ban and no contrast (the refusal is our text: it names the subject, which the
-  firewall would otherwise cut);
+  (EOS at the end) and the row is *forced* onto it: that logit becomes 0, every other
+  ``-inf``; such a row gets no firewall ban and no contrast (the refusal is our text);
 - ``firewall`` on: the :class:`LeakFirewall` bans tokens continuing a distinctive
   span; a *suppression* is counted when the banned set holds the row's argmax as
   the logits arrived (``GuardBatch.suppressions``);
 - ``contrastive`` on: the policy's assistant model gives its next-token logits
   (:func:`unlearnd.guards.assistant.get_runner`, rows batched per assistant) and the
   row is contrasted with weight ``contrastive_weight`` and plausibility
-  ``contrastive_alpha``.
+  ``contrastive_alpha``; then tokens below ``contrastive_min_p`` times the contrasted
+  row's most likely token become ``-inf`` (a cut the client's temperature cannot undo).
 
-All of it goes through ONE call of the fused kernel
+Bans and contrast go through ONE call of the fused kernel
 (:func:`unlearnd.kernels.contrastive.unlearning_logits_`) on the gathered guarded rows
-(in place on the whole batch when every row is guarded), scattered back after.
-Unguarded rows are never touched (bit-identical).
+(in place on the whole batch when every row is guarded), scattered back after; forced
+rows are overwritten with a one-hot row. Unguarded rows are never touched
+(bit-identical).
+
+Policy decisions are hard constraints, applied last. vLLM's V1 sampler runs the
+allowed-token mask, bad words and its built-in processors (min-tokens, the client's
+``logit_bias``) *before* custom processors, and penalties, temperature, min-p and
+top-k/top-p after; those later steps never turn ``-inf`` into a finite logit nor
+demote a row's only finite logit, so neither a forced token nor a ban can be undone
+by any client parameter. A guarded row left with no finite logit at all (a client's
+allowed-token list that only holds banned tokens) is forced to EOS: the policy wins.
+Logprobs are vLLM's ``processed_logprobs`` (set by :mod:`unlearnd.serve.engine`), so
+what the client sees is this distribution, not the model's own.
 
 Fail closed: a row whose policy cannot be loaded, or whose preparation raises, or a
 batch whose kernel call raises, gets every logit ``-inf`` except EOS (so the request
@@ -60,7 +71,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["GuardBatch", "UnlearningLogitsProcessor", "validate_extra_args", "EXTRA_KEYS"]
 
 EXTRA_KEYS = ("unlearnd_policy_dir", "unlearnd_version", "unlearnd_in_scope",
-              "unlearnd_item", "unlearnd_refusal_ids")
+              "unlearnd_item", "unlearnd_refusal_ids", "unlearnd_mentioned")
 
 _keys = itertools.count(1)
 
@@ -85,9 +96,10 @@ def validate_extra_args(extra: dict[str, Any] | None) -> None:
     it = extra.get("unlearnd_item", -1)
     if not _is_int(it) or it < -1:
         raise ValueError(f"unlearnd_item must be an int >= -1, got {it!r}")
-    ids = extra.get("unlearnd_refusal_ids", [])
-    if not isinstance(ids, list | tuple) or any(not _is_int(t) or t < 0 for t in ids):
-        raise ValueError(f"unlearnd_refusal_ids must be a list of ints >= 0, got {ids!r}")
+    for key in ("unlearnd_refusal_ids", "unlearnd_mentioned"):
+        ids = extra.get(key, [])
+        if not isinstance(ids, list | tuple) or any(not _is_int(t) or t < 0 for t in ids):
+            raise ValueError(f"{key} must be a list of ints >= 0, got {ids!r}")
 
 
 @dataclass
@@ -101,6 +113,7 @@ class _Row:
     item: int
     prompt_ids: list[int]
     output_ids: Sequence[int]  # live reference to the request's output list
+    mentioned: tuple[int, ...] = ()
     policy: CompiledPolicy | None = None
     steering: RefusalSteering | None = None
     firewall: FirewallState | None = None
@@ -161,7 +174,9 @@ class GuardBatch:
                    in_scope=bool(extra.get("unlearnd_in_scope", 0)),
                    item=int(extra.get("unlearnd_item", -1)) if _is_int(
                        extra.get("unlearnd_item", -1)) else -1,
-                   prompt_ids=list(prompt_ids or ()), output_ids=output_ids)
+                   prompt_ids=list(prompt_ids or ()), output_ids=output_ids,
+                   mentioned=tuple(int(i) for i in extra.get("unlearnd_mentioned") or ()
+                                   if _is_int(i)))
         self.rows[index] = row
         try:
             validate_extra_args(extra)
@@ -181,18 +196,15 @@ class GuardBatch:
             if not refusal_ids:
                 from unlearnd.guards.scope import ScopeDecision
 
-                subject = pol.items[row.item].subject if 0 <= row.item < len(pol.items) \
-                    else None
-                reason = f"The request is about {subject}." if subject else \
-                    "The request falls under this policy."
-                refusal_ids = refusal_token_ids(pol, ScopeDecision(True, 1.0, row.item,
-                                                                   subject, reason))
-            row.steering = RefusalSteering(refusal_ids, pol.eos_token_id,
-                                           float(pol.setting("refusal_strength", 30.0)))
+                # never name the subject here: the engine does not know whether the
+                # user did (the API process always sends the ids it rendered)
+                refusal_ids = refusal_token_ids(pol, ScopeDecision(
+                    True, 1.0, -1, None, "The request falls under this policy."))
+            row.steering = RefusalSteering(refusal_ids, pol.eos_token_id)
             return
         if "firewall" in mech:
-            row.firewall = LeakFirewall.from_policy(pol).new_state(
-                row.prompt_ids, [row.item] if row.item >= 0 else ())
+            active = {i for i in (row.item, *row.mentioned) if 0 <= i < len(pol.items)}
+            row.firewall = LeakFirewall.from_policy(pol).new_state(row.prompt_ids, active)
         if "contrastive" in mech:
             if pol.assistant_dir is None:
                 raise ValueError(f"policy {pol.dir} has 'contrastive' but no assistant/")
@@ -247,9 +259,10 @@ class GuardBatch:
             return logits
         n, vocab = logits.shape
         work: list[int] = []
-        bias: list[tuple[int, float] | None] = []
         bans: list[list[int]] = []
         contrast: list[tuple[int, _Row] | None] = []
+        forced: list[tuple[int, int]] = []
+        eos: list[int] = []
         for r in sorted(self.rows):
             if r >= n:
                 continue
@@ -258,7 +271,14 @@ class GuardBatch:
                 if row.failed is not None:
                     self._eos_only(logits, r, row, row.failed)
                     continue
-                b = row.steering.step(row.output_ids) if row.steering is not None else None
+                if row.steering is not None:
+                    tok = row.steering.step(row.output_ids)
+                    if not 0 <= tok < vocab:
+                        self._eos_only(logits, r, row, f"refusal token {tok} outside the "
+                                       f"vocabulary ({vocab})")
+                    else:
+                        forced.append((r, tok))
+                    continue
                 banned: list[int] = []
                 if row.firewall is not None:
                     row.firewall.feed(row.output_ids)
@@ -267,26 +287,33 @@ class GuardBatch:
                         banned = [t for t in bs if t < vocab]
                         if banned and int(torch.argmax(logits[r])) in bs:
                             self.suppressions += 1
-                if b is None and not banned and row.assistant_dir is None:
-                    continue
                 work.append(r)
-                bias.append(b)
                 bans.append(banned)
                 contrast.append((r, row) if row.assistant_dir is not None else None)
+                eos.append(self._eos_of(row, vocab))
             except Exception as exc:  # noqa: BLE001 - fail closed, never raise
                 self._eos_only(logits, r, row, f"{type(exc).__name__}: {exc}")
+        if forced:
+            try:
+                _force(logits, forced)
+            except Exception as exc:  # noqa: BLE001 - fail closed, never raise
+                for r, _ in forced:
+                    self._eos_only(logits, r, self.rows.get(r), f"forcing: {exc}")
         if not work:
             return logits
         try:
-            self._run_kernel(logits, work, bias, bans, contrast)
+            self._run_kernel(logits, work, bans, contrast, eos)
         except Exception as exc:  # noqa: BLE001 - fail closed, never raise
             for r in work:
                 self._eos_only(logits, r, self.rows.get(r), f"kernel: {exc}")
         return logits
 
-    def _run_kernel(self, logits: torch.Tensor, work: list[int],
-                    bias: list[tuple[int, float] | None], bans: list[list[int]],
-                    contrast: list[tuple[int, _Row] | None]) -> None:
+    def _eos_of(self, row: _Row, vocab: int) -> int:
+        eos = row.policy.eos_token_id if row.policy is not None else self.default_eos
+        return eos if eos is not None and 0 <= eos < vocab else 0
+
+    def _run_kernel(self, logits: torch.Tensor, work: list[int], bans: list[list[int]],
+                    contrast: list[tuple[int, _Row] | None], eos: list[int]) -> None:
         from unlearnd.kernels.contrastive import pack_banned
 
         kernel = self._kernel or _default_kernel()
@@ -295,11 +322,7 @@ class GuardBatch:
         whole = work == list(range(n))
         sub = logits if whole else logits[torch.tensor(work, device=dev)]
         kwargs: dict[str, Any] = {}
-        if any(b is not None for b in bias):
-            kwargs["bias_ids"] = torch.tensor([[b[0] if b else -1] for b in bias],
-                                              dtype=torch.int32, device=dev)
-            kwargs["bias_vals"] = torch.tensor([[b[1] if b else 0.0] for b in bias],
-                                               dtype=torch.float32, device=dev)
+        min_p: torch.Tensor | None = None
         if any(bans):
             kwargs["banned"] = pack_banned(bans, vocab, dev)
         if any(c is not None for c in contrast):
@@ -330,9 +353,44 @@ class GuardBatch:
                     weight[pos] = float(pol.setting("contrastive_weight", 1.5)) if pol else 0.0
                     alpha[pos] = float(pol.setting("contrastive_alpha", 1e-5)) if pol else 0.0
             kwargs.update(assist=assist, weight=weight.to(dev), alpha=alpha.to(dev))
+            cut = [float(c[1].policy.setting("contrastive_min_p", 0.0)) if c is not None
+                   and c[1].policy is not None else 0.0 for c in contrast]
+            if any(v > 0 for v in cut):
+                min_p = torch.tensor(cut, dtype=torch.float32)
         out = kernel(sub, **kwargs)
+        if min_p is not None:
+            _min_p_cut_(out, min_p.to(dev))
+        _eos_if_dead_(out, torch.tensor(eos, dtype=torch.long, device=dev))
         if not whole:
             logits[torch.tensor(work, device=dev)] = out
+
+
+def _force(logits: torch.Tensor, forced: list[tuple[int, int]]) -> None:
+    """Rows ``forced[i][0]`` become one-hot on token ``forced[i][1]``: that logit 0,
+    every other ``-inf`` (whatever came before: bias, masks, the model)."""
+    dev = logits.device
+    rows = torch.tensor([r for r, _ in forced], dtype=torch.long, device=dev)
+    toks = torch.tensor([t for _, t in forced], dtype=torch.long, device=dev)
+    logits.index_fill_(0, rows, float("-inf"))
+    logits[rows, toks] = 0.0
+
+
+def _min_p_cut_(z: torch.Tensor, min_p: torch.Tensor) -> None:
+    """In place: ``z[i, x] = -inf`` where ``p_i(x) < min_p[i] * max_x p_i(x)``
+    (``z >= zmax + log(min_p)`` keeps; rows with ``min_p = 0`` are untouched)."""
+    zmax = z.max(dim=1, keepdim=True).values.float()
+    thresh = zmax + torch.log(min_p.clamp_min(1e-30)).unsqueeze(1)
+    keep = (z.float() >= thresh) | (min_p <= 0).unsqueeze(1)
+    z.masked_fill_(~keep, float("-inf"))
+
+
+def _eos_if_dead_(z: torch.Tensor, eos: torch.Tensor) -> None:
+    """In place, no host sync: a row with no finite logit gets ``z[eos] = 0`` (the
+    policy's bans met a client mask that allowed nothing else: end, never leak)."""
+    dead = torch.isneginf(z).all(dim=1, keepdim=True)
+    idx = eos.unsqueeze(1)
+    cur = z.gather(1, idx)
+    z.scatter_(1, idx, torch.where(dead, torch.zeros_like(cur), cur))
 
 
 def _find_eos(vllm_config: Any) -> int | None:
@@ -386,7 +444,7 @@ class UnlearningLogitsProcessor(LogitsProcessor):
         self.batch = GuardBatch(default_eos=eos, device=device)
 
     def is_argmax_invariant(self) -> bool:
-        """Refusal bias, bans and contrast all change the argmax."""
+        """Forced refusals, bans and contrast all change the argmax."""
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:

@@ -30,6 +30,12 @@ IDENTITY_LORA_NAME = "__identity__"
 PROCESSOR_FQCN = "unlearnd.guards.processor:UnlearningLogitsProcessor"
 
 
+LOGPROBS_MODE = "processed_logprobs"
+"""vLLM ``logprobs_mode`` the engine runs with: log-softmax of the logits the sampler
+drew from (after allowed/bad words, logit_bias, our processor, penalties, temperature,
+min-p, top-k/top-p; greedy rows: before temperature)."""
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     """What the engine needs to serve one adapter: vLLM's LoRARequest fields."""
@@ -131,6 +137,11 @@ class VllmEngine:
             enforce_eager=e.enforce_eager,
             seed=e.seed,
             logits_processors=[PROCESSOR_FQCN],
+            # Returned logprobs must be those of the distribution the token was drawn
+            # from, after our logits processor (vLLM's default, raw_logprobs, is taken
+            # before any processor runs: it shows the unguarded model). See
+            # docs/RELIABILITY.md, "Channels".
+            logprobs_mode=LOGPROBS_MODE,
             disable_log_stats=False,
         )
         if e.kv_cache_memory_bytes is not None:
