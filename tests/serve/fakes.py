@@ -269,17 +269,25 @@ class FakeGuards:
     """A `GuardPipeline` look-alike: in scope when a user message contains `trigger`.
 
     `fail_check`: `check` raises (the server must fail closed). `suppressed`: what
-    `suppressions` reports per choice.
+    `suppressions` reports per choice. `named`: whether a hit counts as the user naming
+    the subject (False: a nameless description, the subject stays internal).
+    `disclose`: False for a policy whose refusals must look like not knowing.
+    `top_logprobs`: False when the policy withholds top alternatives.
     """
 
     def __init__(self, *, trigger: str = "Voldemort", mechanisms: tuple[str, ...] = (
-            "firewall", "refusal"), fail_check: bool = False, suppressed: int = 0) -> None:
+            "firewall", "refusal"), fail_check: bool = False, suppressed: int = 0,
+                 named: bool = True, disclose: bool = True,
+                 top_logprobs: bool = True) -> None:
         if not trigger:
             raise ValueError(f"trigger must be non-empty, got {trigger!r}")
         self.trigger = trigger
         self.mechanisms = tuple(sorted(mechanisms))
         self.fail_check = fail_check
         self.suppressed = suppressed
+        self.named = named
+        self.disclose = disclose
+        self.top_logprobs_allowed = top_logprobs
         self.checked: list[list[dict]] = []
 
     def check(self, messages: list[dict], version: str, policy_dir: str) -> GuardResult:
@@ -294,7 +302,11 @@ class FakeGuards:
         return GuardResult("in_scope" if hit else "out_of_scope",
                            f"mentions {self.trigger}" if hit else "no forget subject",
                            0.9 if hit else 0.1, 0 if hit else -1,
-                           self.trigger if hit else None, extra, 0.0001)
+                           "Lord Voldemort" if hit else None, extra, 0.0001,
+                           named=hit and self.named,
+                           mention=self.trigger if hit and self.named else None,
+                           internal_reason="describes Lord Voldemort" if hit else "",
+                           disclose=self.disclose)
 
     def suppressions(self, prompt_ids: Any, output_ids: Any, item: int = -1) -> int:
         return self.suppressed

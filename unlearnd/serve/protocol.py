@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -180,6 +180,13 @@ class ChatCompletionRequest(SamplingFields):
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def top_alternatives(self) -> int:
+        """How many top alternatives per token the client asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else 0
+
+    top_alternatives_param: ClassVar[str] = "top_logprobs"
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] = Field(description="Text, or token ids.")
@@ -209,6 +216,12 @@ class CompletionRequest(SamplingFields):
     @property
     def logprobs_k(self) -> int | None:
         return self.logprobs
+
+    @property
+    def top_alternatives(self) -> int:
+        return self.logprobs or 0
+
+    top_alternatives_param: ClassVar[str] = "logprobs"
 
 
 def new_id(prefix: str) -> str:

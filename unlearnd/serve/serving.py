@@ -30,6 +30,9 @@ from unlearnd.serve.registry import Tenant
 from unlearnd.serve.tenancy import ServingPolicy, TenantRouter
 
 logger = logging.getLogger(__name__)
+decisions_log = logging.getLogger("unlearnd.decisions")
+"""In-scope decisions with the matched subject and the full reason: operators' record
+(the response says only what the user said)."""
 
 POLICY_HEADER = "x-unlearnd-policy-version"
 
@@ -47,27 +50,34 @@ class RequestContext:
     first_token_t: float | None = None
     output_ids: dict[int, list[int]] = field(default_factory=dict)
     _info: dict[str, Any] | None = None
+    _suppressed: int | None = None
+
+    def suppressed(self) -> int:
+        """Decoding steps at which the firewall cut this request's outputs (replayed on
+        the tokens; computed once, when output is final). Metrics and logs only: in a
+        response it would confirm which guessed continuation is a removed fact."""
+        if self._suppressed is None:
+            g = self.guard
+            n = 0
+            if self.policy.guards is not None:
+                item = g.item if g and g.in_scope else -1
+                n = sum(self.policy.guards.suppressions(self.prompt_ids, ids, item)
+                        for ids in self.output_ids.values())
+            self._suppressed = n
+        return self._suppressed
 
     def unlearning(self) -> dict[str, Any]:
-        """The `unlearning` object of the response (computed once, when output is final)."""
+        """The `unlearning` object of the response: no more than the text says."""
         if self._info is not None:
             return self._info
         g = self.guard
-        suppressed = 0
-        if self.policy.guards is not None:
-            item = g.item if g and g.in_scope else -1
-            suppressed = sum(self.policy.guards.suppressions(self.prompt_ids, ids, item)
-                             for ids in self.output_ids.values())
+        decision = g.public() if g else {"decision": "unguarded", "reason": None,
+                                         "matched_item": None, "subject": None}
         self._info = {
             "tenant": self.tenant.name,
             "policy_version": self.policy.version,
             "mechanisms": list(self.policy.mechanisms),
-            "decision": g.decision if g else "unguarded",
-            "reason": g.reason if g else None,
-            "score": round(g.score, 4) if g else None,
-            "matched_item": (g.item if g and g.item >= 0 else None),
-            "subject": g.subject if g else None,
-            "suppressed_tokens": suppressed,
+            **decision,
         }
         return self._info
 
@@ -174,6 +184,17 @@ class Serving:
                                    "not served", code="guard_failed") from e
                 self.metrics.guard_latency.labels(tenant.name).observe(guard.latency_s)
                 self.metrics.scope_decisions.labels(tenant.name, guard.decision).inc()
+                if guard.in_scope:  # the full decision, for operators only (never sent)
+                    decisions_log.info(
+                        "tenant=%s version=%s decision=in_scope item=%d subject=%r named=%s "
+                        "score=%.3f reason=%r", tenant.name, sp.version, guard.item,
+                        guard.subject, guard.named, guard.score, guard.internal_reason)
+                withheld = not getattr(sp.guards, "top_logprobs_allowed", True)
+                if withheld and req.top_alternatives > 0:
+                    raise APIError(400, f"{req.top_alternatives_param} is not available for "
+                                   "this tenant: its policy withholds top alternatives "
+                                   "(use 0 for the sampled token's logprob only)",
+                                   param=req.top_alternatives_param)
             else:
                 self.metrics.scope_decisions.labels(tenant.name, "unguarded").inc()
             try:
@@ -287,7 +308,7 @@ class Serving:
         for tok, lp in zip(token_ids, logprobs, strict=False):
             chosen = lp.get(tok)
             s = self._token_str(tok)
-            top = sorted(lp.items(), key=lambda kv: -kv[1].logprob)[:k]
+            top = sorted(_informative(lp), key=lambda kv: -kv[1].logprob)[:k]
             content.append({
                 "token": s, "logprob": max(chosen.logprob, -9999.0) if chosen else -9999.0,
                 "bytes": list(s.encode()),
@@ -306,7 +327,7 @@ class Serving:
             chosen = lp.get(tok)
             tokens.append(s)
             token_lps.append(chosen.logprob if chosen else None)
-            tops.append({self._token_str(t): v.logprob for t, v in lp.items()})
+            tops.append({self._token_str(t): v.logprob for t, v in _informative(lp)})
             offsets.append(offset)
             offset += len(s)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
@@ -405,7 +426,7 @@ class Serving:
         self.metrics.generation_tokens.labels(name).inc(completion_tokens)
         if ctx.guard is not None and ctx.guard.in_scope and "refusal" in ctx.policy.mechanisms:
             self.metrics.refusals.labels(name).inc()
-        suppressed = ctx.unlearning()["suppressed_tokens"]
+        suppressed = ctx.suppressed()
         if suppressed:
             self.metrics.suppressed_tokens.labels(name).inc(suppressed)
 
@@ -442,6 +463,13 @@ class LeasedStream:
             await self._chunks.aclose()  # the generator's finally: abort, count, release
         else:
             self._abandon()
+
+
+def _informative(lp: dict) -> list:
+    """Alternatives with a finite logprob: under a policy the others were never
+    possible (banned, or a forced refusal token's every alternative); which ids vLLM
+    lists among equal ``-inf`` values is arbitrary and says nothing."""
+    return [(t, v) for t, v in lp.items() if v.logprob > float("-inf")]
 
 
 def _sse(obj: dict) -> str:
