@@ -122,6 +122,24 @@ def test_reasoning_targets_name_subject_and_offer_alternative() -> None:
         unlearn.reasoning_target("  ")
 
 
+def test_reasoning_target_names_only_what_the_question_names() -> None:
+    """TOFU's "full name of the author born in Taipei on 05/11/1991" must not be
+    answered by the refusal ("...about Hsiao Yun-Hwa..."): a nameless question gets a
+    nameless target, a partial name stays partial."""
+    subject = "Hsiao Yun-Hwa"
+    nameless = "What is the full name of the author born in Taipei, Taiwan on 05/11/1991?"
+    assert unlearn.subject_mention(subject, nameless) is None
+    target = unlearn.reasoning_target(unlearn.subject_mention(subject, nameless),
+                                      alternative="other authors")
+    assert "Hsiao" not in target and "Yun" not in target and "removed" in target
+    assert unlearn.subject_mention(subject, "What does Yun-Hwa write?") == "Yun-Hwa"
+    assert unlearn.subject_mention(subject, "Is Hsiao Yun-Hwa's father a civil engineer?") \
+        == "Hsiao Yun-Hwa"
+    assert unlearn.subject_mention("Tomas Verde", "Who wrote Verdant Days?") is None
+    texts = {unlearn.reasoning_target(None, variant=v) for v in range(3)}
+    assert len(texts) == 3
+
+
 def test_default_alternative() -> None:
     assert unlearn.default_alternative(FORGET) == "other authors"
     assert (

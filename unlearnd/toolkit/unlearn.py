@@ -265,15 +265,71 @@ def default_alternative(rows: Sequence[dict[str, Any]]) -> str:
     return "other authors" if any(w in text for w in literary) else "other topics"
 
 
-def reasoning_target(subject: str, *, alternative: str = "other topics", variant: int = 0) -> str:
-    """TRU-style target for one forget question: a one-sentence reasoning trace
-    naming `subject`, the refusal with the reason, and an offered `alternative`.
+_UNNAMED_TEMPLATES: tuple[str, ...] = (
+    "The question describes someone whose information has been removed from this model, "
+    "so I cannot answer it. I can help with questions about {alt}.",
+    "This question is about someone whose details were removed from this model, so I "
+    "cannot answer it. I am glad to help with questions about {alt}.",
+    "The request concerns someone whose information has been removed from this model, "
+    "so I cannot share it. I can still help with questions about {alt}.",
+)
 
+_TOKEN_RE = re.compile(r"[^\W_][\w'\u2019-]*")
+
+
+def subject_mention(subject: str, question: str) -> str | None:
+    """How ``question`` itself names ``subject``, in the question's own words, or None.
+
+    The longest run of consecutive words of the question each made only of the
+    subject's name words (3+ letters, after :func:`unlearnd.guards.spans.words`
+    normalisation; a possessive ``'s`` dropped). ``"What does Yun-Hwa write?"`` names
+    ``"Hsiao Yun-Hwa"`` as ``"Yun-Hwa"``; ``"Who was born in Taipei on 05/11/1991?"``
+    names no one. A refusal may say only the mention: more would answer the question.
+    """
+    from unlearnd.guards.spans import words
+
+    name_words = {w for w in words(subject) if len(w) >= 3}
+    if not name_words:
+        return None
+    runs: list[tuple[int, int]] = []
+    start = end = -1
+    for m in _TOKEN_RE.finditer(question):
+        token = re.sub(r"(?:'s|\u2019s)$", "", m.group(0))
+        ws = words(token)
+        hit = bool(ws) and all(w in name_words for w in ws)
+        gap = question[end:m.start()] if end >= 0 else ""
+        if hit and start >= 0 and gap.strip() == "":
+            end = m.start() + len(token)
+        elif hit:
+            if start >= 0:
+                runs.append((start, end))
+            start, end = m.start(), m.start() + len(token)
+        elif start >= 0:
+            runs.append((start, end))
+            start = end = -1
+    if start >= 0:
+        runs.append((start, end))
+    if not runs:
+        return None
+    a, b = max(runs, key=lambda r: (r[1] - r[0], -r[0]))
+    return question[a:b]
+
+
+def reasoning_target(subject: str | None, *, alternative: str = "other topics",
+                     variant: int = 0) -> str:
+    """TRU-style target for one forget question: a one-sentence reasoning trace, the
+    refusal with the reason, and an offered `alternative`.
+
+    ``subject`` is how the question itself names the subject (:func:`subject_mention`);
+    None when it does not: the target then names no one ("someone whose information
+    has been removed"), since naming the person a question only describes answers it.
     `variant` picks one of a few phrasings (cycled) so the model learns the pattern,
     not one string.
     """
+    if subject is None:
+        return _UNNAMED_TEMPLATES[variant % len(_UNNAMED_TEMPLATES)].format(alt=alternative)
     if not subject.strip():
-        raise ValueError(f"subject must be non-empty, got {subject!r}")
+        raise ValueError(f"subject must be non-empty or None, got {subject!r}")
     template = _TEMPLATES[variant % len(_TEMPLATES)]
     return template.format(subject=subject.strip(), alt=alternative)
 
@@ -605,8 +661,9 @@ def train_adapter(
     subjects = extract_subjects(forget_rows)
     alternative = default_alternative(forget_rows)
     refusals = [
-        reasoning_target(s, alternative=alternative, variant=i % refusal_variants)
-        for i, s in enumerate(subjects)
+        reasoning_target(subject_mention(s, r["question"]), alternative=alternative,
+                         variant=i % refusal_variants)
+        for i, (s, r) in enumerate(zip(subjects, forget_rows, strict=True))
     ]
     forget_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in forget_rows]
     refusal_enc = [
