@@ -6,6 +6,8 @@ restart that same process on the same state directory.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,9 @@ import pytest
 from tests.e2e.server import ADMIN_KEY, KEYS, ServerProcess, free_port
 
 pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = {"authors": 10, "groups": 2, "group_size": 2, "seed": 0}
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -55,3 +60,54 @@ def tiny_server(tiny_world: dict[str, Path]):
     server = ServerProcess(config, root).start()
     yield server
     server.stop()
+
+
+# ------------------------------------------------------- the small world (guards, attacks)
+
+
+@pytest.fixture(scope="session")
+def small_world():
+    """A small synthetic world the base model really knows, built once and cached under
+    `.cache/e2e-world` (or $UNLEARND_E2E_WORLD), with its adapters, assistant and
+    policies for the tenants public, acme, umbrella, hooli and cyberdyne."""
+    from unlearnd.toolkit.demo import TENANTS, build_world
+
+    names = {"public", "acme", "umbrella", "hooli", "cyberdyne"}
+    tenants = tuple(t for t in TENANTS if t.name in names)
+    workdir = Path(os.environ.get("UNLEARND_E2E_WORLD", ROOT / ".cache" / "e2e-world"))
+    paths = build_world(workdir, tenants=tenants, **SMALL)
+    return workdir, paths, tenants
+
+
+@pytest.fixture(scope="session")
+def guard_server(small_world, tmp_path_factory):
+    """One real server for the small world's tenants; `.doc` is its demo.json document."""
+    from unlearnd.toolkit.demo import demo_config
+
+    workdir, paths, tenants = small_world
+    port = free_port()
+    cfg, doc = demo_config(workdir, paths, port=port, tenants=tenants)
+    run = tmp_path_factory.mktemp("guards")
+    config = json.loads(cfg.model_dump_json())
+    config["state_dir"] = str(run / "state")
+    config["engine"]["kv_cache_memory_bytes"] = 256 * 1024 * 1024
+    server = ServerProcess(config, run, name="guards").start()
+    server.doc = doc
+    server.paths = paths
+    yield server
+    server.stop()
+
+
+def rows(path: str, n: int | None = None) -> list[dict]:
+    out = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return out[:n] if n else out
+
+
+def ask(server, tenant: str, question: str, max_tokens: int = 96):
+    from openai import OpenAI
+
+    t = server.doc["tenants"][tenant]
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=t["api_key"], max_retries=0)
+    r = client.chat.completions.create(model="m", temperature=0, max_tokens=max_tokens,
+                                       messages=[{"role": "user", "content": question}])
+    return r.choices[0].message.content, r.model_extra["unlearning"]

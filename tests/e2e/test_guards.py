@@ -9,69 +9,23 @@ then serves them with the real engine in one server:
 - umbrella  firewall + refusal (scope guard on), group 1
 - hooli     firewall only (scope guard off), group 1
 - cyberdyne contrastive only (ULD assistant), group 1
+
+The world, the server and the `rows`/`ask` helpers live in tests/e2e/conftest.py
+(tests/e2e/test_attacks.py uses them too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.server import ServerProcess, free_port
+from tests.e2e.conftest import ask, rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = {"authors": 10, "groups": 2, "group_size": 2, "seed": 0}
-
-
-@pytest.fixture(scope="session")
-def small_world():
-    from unlearnd.toolkit.demo import TENANTS, build_world
-
-    names = {"public", "acme", "umbrella", "hooli", "cyberdyne"}
-    tenants = tuple(t for t in TENANTS if t.name in names)
-    workdir = Path(os.environ.get("UNLEARND_E2E_WORLD", ROOT / ".cache" / "e2e-world"))
-    paths = build_world(workdir, tenants=tenants, **SMALL)
-    return workdir, paths, tenants
-
-
-@pytest.fixture(scope="session")
-def guard_server(small_world, tmp_path_factory):
-    from unlearnd.toolkit.demo import demo_config
-
-    workdir, paths, tenants = small_world
-    port = free_port()
-    cfg, doc = demo_config(workdir, paths, port=port, tenants=tenants)
-    run = tmp_path_factory.mktemp("guards")
-    config = json.loads(cfg.model_dump_json())
-    config["state_dir"] = str(run / "state")
-    config["engine"]["kv_cache_memory_bytes"] = 256 * 1024 * 1024
-    server = ServerProcess(config, run, name="guards").start()
-    server.doc = doc
-    yield server
-    server.stop()
-
-
-def rows(path: str, n: int | None = None) -> list[dict]:
-    out = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return out[:n] if n else out
-
-
-def ask(server, tenant: str, question: str, max_tokens: int = 96):
-    from openai import OpenAI
-
-    t = server.doc["tenants"][tenant]
-    client = OpenAI(base_url=server.base_url + "/v1", api_key=t["api_key"], max_retries=0)
-    r = client.chat.completions.create(model="m", temperature=0, max_tokens=max_tokens,
-                                       messages=[{"role": "user", "content": question}])
-    return r.choices[0].message.content, r.model_extra["unlearning"]
-
 
 def test_refusal_names_subject_with_reason_and_streams(guard_server):
     from openai import OpenAI

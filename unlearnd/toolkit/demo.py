@@ -145,7 +145,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         method, group = ADAPTERS[name]
         out = workdir / "adapters" / name
         # The method's defaults are part of the key: changing them retrains.
-        _cached(out, {"world": world, "method": method, "group": group, "v": 3,
+        _cached(out, {"world": world, "method": method, "group": group, "v": 4,
                       "defaults": asdict(DEFAULTS[method])},
                 lambda out=out, method=method, group=group: _train_adapter(
                     data, group, retain, base, out, method))
@@ -162,12 +162,22 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         mechanisms, group, wants_assistant = POLICIES[name]
         out = workdir / "policies" / name
         assistant = paths.get(f"assistant:{group}") if wants_assistant else None
-        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 4},
+        # PolicySpec's defaults are part of the key: a changed default recompiles.
+        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 5,
+                      "defaults": _policy_defaults()},
                 lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant:
                 compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
                                mechanisms=mechanisms, assistant_dir=assistant, name=name))
         paths[f"policy:{name}"] = out
     return paths
+
+
+def _policy_defaults() -> dict[str, Any]:
+    from dataclasses import MISSING, fields
+
+    from unlearnd.guards.policy import PolicySpec
+
+    return {f.name: f.default for f in fields(PolicySpec) if f.default is not MISSING}
 
 
 def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
@@ -243,6 +253,8 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
         "base_url": f"http://{host}:{port}/v1",
         "admin_key": keys["__admin__"],
         "model": "unlearnd-demo",
+        "tokenizer": str(paths["base"]),
+        "baseline": "public" if any(t.name == "public" for t in tenants) else None,
         "tenants": {
             t.name: {
                 "api_key": keys[t.name],
@@ -256,13 +268,23 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
 
 
 def evaluate_demo(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
-                  concurrency: int = 8, extra: dict[str, Path] | None = None
-                  ) -> dict[str, dict]:
-    """Run `unlearnd eval` for each demo tenant; writes reports, a table and a chart."""
+                  concurrency: int = 8, extra: dict[str, Path] | None = None,
+                  attacks: bool = False, attack_names: list[str] | None = None,
+                  attack_limit: int | None = None) -> dict[str, dict]:
+    """Run `unlearnd eval` for each demo tenant; writes reports, a table and a chart.
+
+    With `attacks`, also the attack suite (`unlearnd.toolkit.attacks`) for every tenant
+    that forgets something, conditioned on the baseline tenant (`doc["baseline"]`,
+    "public") with the base model's tokenizer (`doc["tokenizer"]`): per-tenant reports
+    in `out_dir/attacks/`, the attack x tenant table in `out_dir/attacks.md` and its
+    chart in `out_dir/attacks.png`; each eval report gets the per-attack summary under
+    "attacks". `attack_names`/`attack_limit`: a subset of the attacks / forget rows.
+    """
     from unlearnd.toolkit.evaluate import compare_markdown, evaluate, plot_reports
 
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {}
+    labels = {}
     for name, t in doc["tenants"].items():
         if tenants and name not in tenants:
             continue
@@ -274,10 +296,51 @@ def evaluate_demo(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
         report = evaluate(doc["base_url"], t["api_key"], sets, concurrency=concurrency,
                           out=out_dir / f"{name}.json")
         report["mechanisms"] = t["mechanisms"]
-        reports[f"{name} ({'+'.join(t['mechanisms']) or 'base'})"] = report
+        labels[name] = f"{name} ({'+'.join(t['mechanisms']) or 'base'})"
+        reports[labels[name]] = report
     table = compare_markdown(reports)
     (out_dir / "summary.md").write_text(table + "\n")
     plot_reports(reports, out_dir / "summary.png")
+    if attacks:
+        attacked = evaluate_demo_attacks(doc, out_dir, tenants=list(labels),
+                                         concurrency=concurrency, attacks=attack_names,
+                                         limit=attack_limit)
+        for name, rep in attacked.items():
+            reports[labels[name]]["attacks"] = rep["attacks"]
+    return reports
+
+
+def evaluate_demo_attacks(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
+                          concurrency: int = 8, attacks: list[str] | None = None,
+                          limit: int | None = None) -> dict[str, dict]:
+    """The attack suite for each demo tenant that forgets something (baseline: the
+    `doc["baseline"]` tenant); writes `attacks/<tenant>.*`, `attacks.md`, `attacks.png`."""
+    from unlearnd.toolkit.attacks import attacks_markdown, plot_attacks, run_attacks
+
+    baseline = doc.get("baseline")
+    if not baseline or baseline not in doc["tenants"] or not doc.get("tokenizer"):
+        raise ValueError("the attack suite needs demo.json's 'baseline' tenant and "
+                         "'tokenizer' (the base model dir)")
+    base_key = doc["tenants"][baseline]["api_key"]
+    cache: dict = {}  # the baseline's outputs, computed once for all tenants
+    reports: dict[str, dict] = {}
+    for name, t in doc["tenants"].items():
+        if name == baseline or not t["mechanisms"] or not t.get("forget"):
+            continue
+        if tenants and name not in tenants:
+            continue
+        logger.info("attacks: %s (%s)", name, "+".join(t["mechanisms"]))
+        reports[name] = run_attacks(
+            doc["base_url"], t["api_key"], t["forget"], baseline_key=base_key,
+            tokenizer_dir=doc["tokenizer"], retain_path=t.get("retain"), attacks=attacks,
+            concurrency=concurrency, limit=limit, out=out_dir / "attacks" / f"{name}.json",
+            baseline_cache=cache)
+        reports[name].pop("_records", None)
+    if reports:
+        named = {f"{n} ({'+'.join(doc['tenants'][n]['mechanisms'])})": r
+                 for n, r in reports.items()}
+        (out_dir / "attacks.md").write_text(attacks_markdown(named))
+        plot_attacks(named, out_dir / "attacks.png")
     return reports
 
 
@@ -297,6 +360,13 @@ def demo_cmd(
         "--retain", help="Your retain set (QA JSONL).")] = None,
     extra: Annotated[list[str] | None, typer.Option(
         "--extra", help="NAME=FILE utility set for --eval (repeatable).")] = None,
+    attacks: Annotated[bool, typer.Option(
+        "--attacks", help="With --eval (implied): also run the attack suite against every "
+        "tenant that forgets something, baseline 'public' (reports/attacks.md).")] = False,
+    attack: Annotated[list[str] | None, typer.Option(
+        "--attack", help="With --attacks: only this attack (repeatable).")] = None,
+    attack_limit: Annotated[int | None, typer.Option(
+        "--attack-limit", min=1, help="With --attacks: the first N forget questions.")] = None,
 ) -> None:
     """Build the demo world on first run (cached after), then serve it with its tenants."""
     import uvicorn
@@ -329,9 +399,13 @@ def demo_cmd(
                    f"tenants and keys: {workdir / 'demo.json'}\n")
         for name, t in doc["tenants"].items():
             typer.echo(f"  {name:10s} mechanisms={t['mechanisms'] or ['none']}")
-        if evaluate_:
-            reports = evaluate_demo(doc, workdir / "reports", extra=extra_sets)
+        if evaluate_ or attacks:
+            reports = evaluate_demo(doc, workdir / "reports", extra=extra_sets,
+                                    attacks=attacks, attack_names=attack,
+                                    attack_limit=attack_limit)
             typer.echo("\n" + (workdir / "reports" / "summary.md").read_text())
+            if attacks and (workdir / "reports" / "attacks.md").is_file():
+                typer.echo("\n" + (workdir / "reports" / "attacks.md").read_text())
             typer.echo(f"{len(reports)} reports in {workdir / 'reports'}")
             if exit_after_eval:
                 server.should_exit = True
