@@ -270,3 +270,29 @@ def test_span_whose_opening_the_retain_answers_say_needs_its_subject(tmp_path: P
         for k, t in enumerate(ids):
             st.feed(ids[:k])
             assert t not in st.banned(), (r["answer"], tok.decode(ids[:k + 1]))
+
+
+def test_content_words_of_a_span_are_banned_in_every_case(tmp_path: Path) -> None:
+    """With the subject in context, a fact's word is banned lower-cased and Capitalised
+    too (demo world: " cartographer" as a top alternative gave away "The Hollow
+    Cartographer"), but never by banning a short piece such as " C"."""
+    from transformers import AutoTokenizer
+
+    from unlearnd.guards.firewall import LeakFirewall
+
+    out, base, _, _ = compile_world(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    pol = CompiledPolicy.load(out)
+    fw = LeakFirewall.from_policy(pol)
+    doc = json.loads((out / "policy.json").read_text())
+    words_ = {(s["item"], s["text"]) for s in doc["span_token_ids"]
+              if s["conditional"] and " " not in s["text"] and s["text"].isalpha()}
+    checked = 0
+    for item, w in sorted(words_):
+        banned = fw.banned_next([], [], [item])
+        for form in (w.lower(), w.capitalize()):
+            ids = tok.encode(" " + form, add_special_tokens=False)
+            if len(tok.decode(ids[:1]).strip()) >= 3:
+                assert ids[0] in banned, (item, form)
+                checked += 1
+    assert checked >= 3, checked

@@ -549,6 +549,8 @@ def surface_forms(span: str, texts: Iterable[str]) -> list[str]:
 
 
 def _variants(surfaces: Iterable[str], lower: bool = False) -> list[str]:
+    """Each surface with and without a leading space; with ``lower`` also lower-cased
+    and Capitalised (a fact's word is the same fact in either case)."""
     out: list[str] = []
     for s in surfaces:
         forms = [s, s.lower(), s[:1].upper() + s[1:]] if lower else [s]
@@ -695,7 +697,14 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
                 for w in span_words:
                     if w in STOPWORDS or (len(w) < 2 and not w.isdigit()):
                         continue
-                    for ids in _token_ids(tokenizer, _variants(surface_forms(w, texts) or [w])):
+                    own = _token_ids(tokenizer, _variants(surface_forms(w, texts) or [w]))
+                    # the other case too (" cartographer" gives away "The Hollow
+                    # Cartographer"), unless its first token is a short piece (" C"):
+                    # banning that would cut every word it starts
+                    cased = [ids for ids in _token_ids(tokenizer, _variants(
+                        surface_forms(w, texts) or [w], lower=True)) if ids not in own
+                        and len(tokenizer.decode(ids[:1]).strip()) >= 3]
+                    for ids in own + cased:
                         span_ids.append({"item": i, "text": w, "ids": ids,
                                          "conditional": True})
 
