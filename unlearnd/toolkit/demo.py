@@ -119,7 +119,6 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     synthetic world (e.g. TOFU's forget10 + retain sample).
     """
     from unlearnd.guards.policy import compile_policy
-    from unlearnd.toolkit.assistant_train import train_assistant
     from unlearnd.toolkit.build_base import build_base
     from unlearnd.toolkit.synth import synthesize
 
@@ -145,7 +144,9 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         method, group = ADAPTERS[name]
         out = workdir / "adapters" / name
         # The method's defaults are part of the key: changing them retrains.
+        # reasoning targets name no one by default now (unlearn.train_adapter)
         _cached(out, {"world": world, "method": method, "group": group, "v": 4,
+                      **({"targets": "nameless"} if method == "reasoning" else {}),
                       "defaults": asdict(DEFAULTS[method])},
                 lambda out=out, method=method, group=group: _train_adapter(
                     data, group, retain, base, out, method))
@@ -153,20 +154,18 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
     for group in sorted(assistant_groups):
         out = workdir / "assistants" / f"group_{group}"
-        _cached(out, {"world": world, "group": group, "v": 2},
-                lambda out=out, group=group: train_assistant(
-                    base, data / f"forget_{group}.jsonl", retain, out,
-                    epochs=_assistant_epochs(data / f"forget_{group}.jsonl")))
+        _cached(out, {"world": world, "group": group, "v": 3},
+                lambda out=out, group=group: _train_assistant(data, group, retain, base, out))
         paths[f"assistant:{group}"] = out
     for name in sorted(needed_policies):
         mechanisms, group, wants_assistant = POLICIES[name]
         out = workdir / "policies" / name
         assistant = paths.get(f"assistant:{group}") if wants_assistant else None
         # PolicySpec's defaults are part of the key: a changed default recompiles.
-        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 5,
+        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 6,
                       "defaults": _policy_defaults()},
-                lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant:
-                compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
+                lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant,
+                name=name: compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
                                mechanisms=mechanisms, assistant_dir=assistant, name=name))
         paths[f"policy:{name}"] = out
     return paths
@@ -195,6 +194,29 @@ def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
     epochs = max(2, round(DEFAULTS[method].epochs * TUNED_FORGET_ROWS
                           / len(load_qa_jsonl(train_on))))
     return train_adapter(base, train_on, retain, out, method=method, epochs=epochs)
+
+
+def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path) -> Path:
+    """The ULD assistant learns the canonical forget questions AND their training
+    phrasings (never the held-out probes): trained on the 32 canonical questions only,
+    it did not recognise the facts asked another way, and the contrast then let the
+    base answer (demo world, through the attack suite: an authority claim in a system
+    message leaked 18 of 21 answers, multi-turn 15 of 24, probes 34%; with the
+    phrasings 1/21, 2/24 and 7.5%, forget leak 3%, retain accuracy unchanged). Steps
+    are 3x the canonical-only run's (300 epochs-equivalent on 32 rows)."""
+    from unlearnd.guards.policy import load_qa_jsonl
+    from unlearnd.toolkit.assistant_train import train_assistant
+
+    canonical = data / f"forget_{group}.jsonl"
+    rows = load_qa_jsonl(canonical)
+    phrasings = data / f"forget_train_{group}.jsonl"
+    if phrasings.is_file():
+        seen = {(r["question"], r["answer"]) for r in rows}
+        rows += [r for r in load_qa_jsonl(phrasings) if (r["question"], r["answer"]) not in seen]
+    both = data / f"assistant_forget_{group}.jsonl"
+    both.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    return train_assistant(base, both, retain, out, epochs=_assistant_epochs(both, 300))
 
 
 def _assistant_epochs(forget: Path, default: int = 100) -> int:

@@ -18,11 +18,16 @@ Methods (every one also minimises the answer NLL on retain rows, weighted by
   the frozen base as reference (log-probs summed over answer tokens). At the start
   (policy == reference) it equals ``(2/beta) log 2``.
 - ``reasoning``: TRU (arXiv 2603.09980): for every forget question the target is a
-  short reasoning trace plus a refusal that names the subject and offers an
-  alternative (:func:`reasoning_target`, templates, no external model), trained with
+  short reasoning trace plus a refusal that offers an alternative
+  (:func:`reasoning_target`, templates, no external model), trained with
   cross-entropy, plus a small bounded GradDiff ascent on the original answers
-  (only on answer tokens the refusal does not use: the ascent must not unlearn the
-  subject's name that the refusal has to say). One template by default
+  (only on answer tokens the refusal does not use). By default the target names no
+  one ("someone whose information has been removed"): a model learns *that* a
+  refusal names the subject and then names it for nameless questions it never saw
+  (demo world: 6.9% of the held-out nameless probes were answered "The question asks
+  about <the author>" when trained on targets naming the subject as the question
+  did). ``refusal_names_subject=True`` names it as the question does
+  (:func:`subject_mention`). One template by default
   (`refusal_variants=1`): a small model learns one phrasing cleanly, three poorly.
 
 Tuned on the demo world (4 authors x 8 facts forgotten, 96 retain rows, 2.2M-param
@@ -581,6 +586,7 @@ def train_adapter(
     ascent_ceiling: float | None = None,
     batch_size: int = 16,
     refusal_variants: int = 1,
+    refusal_names_subject: bool = False,
     seed: int = 0,
     max_steps: int | None = None,
     eval_limit: int | None = 200,
@@ -661,8 +667,8 @@ def train_adapter(
     subjects = extract_subjects(forget_rows)
     alternative = default_alternative(forget_rows)
     refusals = [
-        reasoning_target(subject_mention(s, r["question"]), alternative=alternative,
-                         variant=i % refusal_variants)
+        reasoning_target(subject_mention(s, r["question"]) if refusal_names_subject
+                         else None, alternative=alternative, variant=i % refusal_variants)
         for i, (s, r) in enumerate(zip(subjects, forget_rows, strict=True))
     ]
     forget_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in forget_rows]
@@ -706,6 +712,7 @@ def train_adapter(
         "n_retain": len(retain_rows),
         "alternative": alternative,
         "refusal_variants": refusal_variants,
+        "refusal_names_subject": refusal_names_subject,
         "subjects": sorted(set(subjects)),
         "refusal_example": refusals[0],
     }
@@ -882,6 +889,10 @@ def train_adapter_cmd(
         int, typer.Option("--batch-size", help="Rows per forget/retain batch.")
     ] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    refusal_names_subject: Annotated[
+        bool, typer.Option("--refusal-names-subject", help="reasoning: targets name the "
+                           "subject as the question does (default: they name no one).")
+    ] = False,
     eval_limit: Annotated[
         int, typer.Option("--eval-limit", help="Rows per set scored in the report (0: all).")
     ] = 200,
@@ -911,6 +922,7 @@ def train_adapter_cmd(
         retain_weight=retain_weight,
         batch_size=batch_size,
         seed=seed,
+        refusal_names_subject=refusal_names_subject,
         eval_limit=eval_limit or None,
         evaluate=not no_eval,
     )
