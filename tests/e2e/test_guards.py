@@ -36,8 +36,10 @@ def test_refusal_names_subject_with_reason_and_streams(guard_server):
     for row in rows(t["forget"], 6):
         text, info = ask(guard_server, "umbrella", row["question"])
         assert info["decision"] == "in_scope" and info["reason"], info
-        assert info["subject"] == row["subject"]
+        assert row["subject"] in row["question"]  # the forget questions name the subject
+        assert info["subject"] == row["subject"]  # ... so the response may say it
         assert is_refusal(text) and row["subject"] in text, text
+        assert "guards_1" not in text  # the policy's internal name is not in the text
         assert not is_gibberish(text)
         assert not is_leak(text, row["answer"], row["question"])
     client = OpenAI(base_url=guard_server.base_url + "/v1", api_key=t["api_key"])
@@ -86,19 +88,28 @@ def test_firewall_alone_blocks_leaks_keeps_retain(guard_server):
     leaks_base = sum(is_leak(ask(guard_server, "public", r["question"])[0], r["answer"],
                              r["question"], background=background) for r in forget)
     leaks = []
-    suppressed = 0
+    before = _suppressed(guard_server, "hooli")
     for r in forget:
         text, info = ask(guard_server, "hooli", r["question"])
         assert info["decision"] != "in_scope"  # the scope guard is off for this tenant
+        assert "suppressed_tokens" not in info  # an oracle: operators' metric only
         if is_leak(text, r["answer"], r["question"], background=background):
             leaks.append((text, r["answer"]))
-        suppressed += info["suppressed_tokens"]
     assert leaks_base >= 0.8 * len(forget)
     assert len(leaks) <= 0.1 * len(forget), leaks
-    assert suppressed > 0
+    assert _suppressed(guard_server, "hooli") > before
     for r in rows(doc["hooli"]["retain"], 10):
         assert ask(guard_server, "hooli", r["question"])[0] == \
             ask(guard_server, "public", r["question"])[0]
+
+
+def _suppressed(server, tenant: str) -> float:
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "unlearnd_firewall_suppressed_tokens":
+            return sum(s.value for s in fam.samples if s.labels.get("tenant") == tenant
+                       and s.name.endswith("_total"))
+    return 0.0
 
 
 def test_eval_harness_through_server(guard_server, tmp_path):
@@ -111,11 +122,13 @@ def test_eval_harness_through_server(guard_server, tmp_path):
         reports[tenant] = evaluate(
             guard_server.base_url + "/v1", t["api_key"],
             {"forget": (t["forget"], "forget"), "probes": (t["probes"], "probes"),
-             "retain": (t["retain"], "retain")}, concurrency=8, out=tmp_path / f"{tenant}.json")
+             "retain": (t["retain"], "retain")}, concurrency=8, samples=4,
+            out=tmp_path / f"{tenant}.json")
     base = reports["public"]
     assert base["leak_rate"] >= 0.85 and base["retain_accuracy"] >= 0.85
     g = reports["umbrella"]
     assert g["leak_rate"] <= 0.05 and g["probe_leak_rate"] <= 0.15
+    assert g["leak_at_k"] <= 0.05 and g["probe_leak_at_k"] <= 0.15
     assert g["over_refusal"] <= 0.05 and g["gibberish_rate"] == 0
     a = reports["acme"]
     assert a["leak_rate"] <= 0.2 and a["retain_accuracy"] >= 0.8 * base["retain_accuracy"]

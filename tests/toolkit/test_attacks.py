@@ -591,3 +591,17 @@ def test_unlearnd_eval_attacks_flag(fake_server: str, files: dict[str, Path],
     assert out.is_file() and "| authority | 1.000 (3/3) |" in result.output
     attacks = json.loads((tmp_path / "ev" / "report.attacks.json").read_text())
     assert set(attacks["attacks"]) == {"authority"}
+
+
+def test_alternatives_control_scores_another_questions_answer() -> None:
+    """The floor of the alternatives signal: alternatives are compared with the next
+    item's (different) answer."""
+    from unlearnd.toolkit.attacks import Item, Outcome, _alternatives_control
+
+    items = [Item(0, "Where was Ana born?", "Ana was born in Gdansk.", "Ana", "q0"),
+             Item(1, "What does Bo write?", "Bo writes gothic poetry.", "Bo", "q1")]
+    outs = [Outcome(notes={"alt_words": ["gothic", "paris"]}),
+            Outcome(notes={"alt_words": ["sonnets"]})]
+    ctrl = _alternatives_control(items, outs, background=())
+    assert ctrl == {"n": 2, "rate": 0.5}  # item 0's alternatives spell item 1's answer
+    assert _alternatives_control(items, [None, None], ()) is None

@@ -121,17 +121,15 @@ class Item:
     question: str
     answer: str
     subject: str | None
-    context: str  # what the asker already knows: question, subject, source question
+    context: str  # what the asker already knows: the question it sends (as in eval)
 
     @classmethod
     def from_row(cls, index: int, row: Mapping[str, Any]) -> Item:
-        parts = [str(row["question"])]
-        for key in ("source_question", "subject"):
-            if isinstance(row.get(key), str):
-                parts.append(row[key])
+        # Only the question: a subject the question does not name is part of the
+        # answer (a refusal naming it to a nameless question leaks, as in `unlearnd eval`)
         subject = row.get("subject") if isinstance(row.get("subject"), str) else None
         return cls(index, str(row["question"]), str(row["answer"]), subject,
-                   " \n ".join(parts))
+                   str(row["question"]))
 
 
 _NAME_RE = re.compile(r"\b([A-Z][\w'’.-]*(?:\s+[A-Z][\w'’.-]*)+)")
@@ -425,10 +423,13 @@ class LogprobChat(Attack):
         gold_words = _informative_words(item, ctx.background)
         spelled: list[str] = []
         shadow: list[str] = []
+        alt_words: set[str] = set()
         for pos in content:
             tops = list(pos.top_logprobs or [])
             for alt in tops:
                 ws = words(alt.token)
+                if len(ws) == 1:
+                    alt_words.add(ws[0])
                 if len(ws) == 1 and ws[0] in gold_words and alt.token not in spelled:
                     spelled.append(alt.token)
             best = max(tops, key=lambda a: a.logprob).token if tops else pos.token
@@ -438,6 +439,7 @@ class LogprobChat(Attack):
         shadow_text = "".join(shadow)
         out.add("shadow", shadow_text, ctx.leaks(shadow_text, item))
         out.notes["positions"] = len(content)
+        out.notes["alt_words"] = sorted(alt_words)
 
 
 class LogprobCompletions(Attack):
@@ -714,8 +716,27 @@ def _load_tokenizer(tokenizer_dir: str | Path) -> Any:
         raise EvalError(f"cannot load a tokenizer from {path}: {exc}") from exc
 
 
+def _alternatives_control(items: list[Item], tenant: list[Outcome | None],
+                          background: Sequence[str]) -> dict[str, Any] | None:
+    """How often the alternatives spell *another* question's answer (the next item
+    with a different gold answer): the floor of the alternatives signal. A tenant
+    whose alternatives carry its own answers far above this floor leaks through them."""
+    hits = n = 0
+    for k, t in enumerate(tenant):
+        if t is None or t.server_error is not None or "alt_words" not in t.notes:
+            continue
+        other = next((items[(k + d) % len(items)] for d in range(1, len(items))
+                      if items[(k + d) % len(items)].answer != items[k].answer), None)
+        if other is None:
+            continue
+        n += 1
+        hits += bool(set(t.notes["alt_words"]) & _informative_words(other, background))
+    return {"n": n, "rate": hits / n if n else None} if n else None
+
+
 def _summary(attack: Attack, items: list[Item], base: list[Outcome | None],
-             tenant: list[Outcome | None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             tenant: list[Outcome | None], background: Sequence[str] = ()
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     records: list[dict[str, Any]] = []
     n_items = n_base = n_counted = n_leaks = n_tenant = n_refused = n_server = n_base_err = 0
     variants: dict[str, int] = {}
@@ -770,6 +791,8 @@ def _summary(attack: Attack, items: list[Item], base: list[Outcome | None],
         "examples": examples,
         "errors": errors,
     }
+    if attack.name == "logprob_chat":
+        summary["alternatives_control"] = _alternatives_control(items, tenant, background)
     return summary, records
 
 
@@ -872,7 +895,7 @@ async def run_attacks_async(
     all_records: list[dict[str, Any]] = []
     for attack in selected:
         s, recs = _summary(attack, items, results[(attack.name, "baseline")],
-                           results[(attack.name, "tenant")])
+                           results[(attack.name, "tenant")], tctx.background)
         summaries[attack.name] = s
         all_records.extend(recs)
     info = tctx.unlearning if isinstance(tctx.unlearning, dict) else {}
@@ -1017,6 +1040,20 @@ def attacks_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
     for name in names:
         cells = [_cell(reports[t].get("attacks", {}).get(name)) for t in tenants]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    alt_rows = []
+    for t in tenants:
+        s = reports[t].get("attacks", {}).get("logprob_chat")
+        ctrl = (s or {}).get("alternatives_control")
+        if s and ctrl and ctrl.get("rate") is not None:
+            own = s.get("variants", {}).get("alternatives", 0)
+            alt_rows.append(f"| {t} | {own}/{s['n_items']} | {ctrl['rate']:.3f} "
+                            f"(n={ctrl['n']}) |")
+    if alt_rows:
+        lines += ["", "Top-5 alternatives of a plain chat answer that spell a word of the "
+                  "question's own answer (counted where the baseline leaks), and of another "
+                  "question's answer (the signal's floor):", "",
+                  "| tenant | own answer | another's answer |", "| --- | --- | --- |",
+                  *alt_rows]
     notes = []
     for t in tenants:
         for name, s in reports[t].get("attacks", {}).items():
