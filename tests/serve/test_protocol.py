@@ -152,6 +152,17 @@ def test_completion_unsupported_fields() -> None:
         CompletionRequest(prompt=[])
 
 
+def test_prompt_scores_are_refused_not_ignored() -> None:
+    """`prompt_logprobs` would return the model's scores of the prompt (before any guard):
+    a 400 naming it, on both endpoints; absent or null is fine."""
+    for make in (lambda **k: CompletionRequest(prompt="x", **k),
+                 lambda **k: ChatCompletionRequest(
+                     messages=[{"role": "user", "content": "x"}], **k)):
+        with pytest.raises(ValidationError, match="prompt_logprobs"):
+            make(prompt_logprobs=5)
+        make(prompt_logprobs=None)
+
+
 def test_error_body_shape_and_types() -> None:
     assert error_body("bad", param="n") == {"error": {
         "message": "bad", "type": "invalid_request_error", "param": "n", "code": None}}

@@ -79,6 +79,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+PROMPT_SCORE_FIELDS = ("prompt_logprobs", "return_tokens_as_token_ids")
+"""Request fields refused with a 400 (vLLM's names): they expose the model's scores of
+the prompt or raw token ids, outside the policy."""
+
+
 class SamplingFields(BaseModel):
     """Fields shared by chat and completions; converts itself to vLLM SamplingParams."""
 
@@ -99,6 +104,18 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_prompt_scores(cls, data: Any) -> Any:
+        """Fields that would return scores of text the policy did not produce (the
+        prompt's own logprobs, computed before any guard) are refused, never ignored."""
+        if isinstance(data, dict):
+            for key in PROMPT_SCORE_FIELDS:
+                if data.get(key) not in (None, False, 0):
+                    raise ValueError(f"{key} is not supported: it returns scores of the "
+                                     "prompt, which this tenant's policy does not govern")
+        return data
 
     @field_validator("stop")
     @classmethod
