@@ -279,6 +279,6 @@ def test_report_compares_base_and_adapter(world: dict[str, Path]) -> None:
     assert report["alternative"] == "other authors"
     # subjects: "Mara Quell" from the rows' key, "Tomas Verde" found by the heuristic
     assert report["subjects"] == ["Mara Quell", "Tomas Verde"]
-    # the default target names no one (a nameless question must not get the name back)
-    assert "Mara" not in report["refusal_example"] and "removed" in report["refusal_example"]
-    assert report["refusal_names_subject"] is False
+    # the first row names Mara Quell, so its target may say it (as the question does)
+    assert report["refusal_example"].count("Mara Quell") == 2
+    assert report["refusal_names_subject"] is True

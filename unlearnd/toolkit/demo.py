@@ -144,9 +144,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         method, group = ADAPTERS[name]
         out = workdir / "adapters" / name
         # The method's defaults are part of the key: changing them retrains.
-        # reasoning targets name no one by default now (unlearn.train_adapter)
         _cached(out, {"world": world, "method": method, "group": group, "v": 4,
-                      **({"targets": "nameless"} if method == "reasoning" else {}),
                       "defaults": asdict(DEFAULTS[method])},
                 lambda out=out, method=method, group=group: _train_adapter(
                     data, group, retain, base, out, method))

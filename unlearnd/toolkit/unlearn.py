@@ -21,13 +21,15 @@ Methods (every one also minimises the answer NLL on retain rows, weighted by
   short reasoning trace plus a refusal that offers an alternative
   (:func:`reasoning_target`, templates, no external model), trained with
   cross-entropy, plus a small bounded GradDiff ascent on the original answers
-  (only on answer tokens the refusal does not use). By default the target names no
-  one ("someone whose information has been removed"): a model learns *that* a
-  refusal names the subject and then names it for nameless questions it never saw
-  (demo world: 6.9% of the held-out nameless probes were answered "The question asks
-  about <the author>" when trained on targets naming the subject as the question
-  did). ``refusal_names_subject=True`` names it as the question does
-  (:func:`subject_mention`). One template by default
+  (only on answer tokens the refusal does not use). The target names the subject
+  only as the question does (:func:`subject_mention`; a nameless question gets a
+  nameless target). Measured on the demo world, the model still learns *that* a
+  refusal names its subject: 6.9% of the held-out nameless probes were answered "The
+  question asks about <the author>" (a leak). ``refusal_names_subject=False`` makes
+  every target nameless: that leak fell to 1.3%, but the small model then produced
+  15% degenerate refusals (jailbreak probes) and leaked 28% of the forget answers in 8
+  samples (vs 9%), so it is not the default; put the firewall beside the adapter
+  where nameless questions matter. One template by default
   (`refusal_variants=1`): a small model learns one phrasing cleanly, three poorly.
 
 Tuned on the demo world (4 authors x 8 facts forgotten, 96 retain rows, 2.2M-param
@@ -586,7 +588,7 @@ def train_adapter(
     ascent_ceiling: float | None = None,
     batch_size: int = 16,
     refusal_variants: int = 1,
-    refusal_names_subject: bool = False,
+    refusal_names_subject: bool = True,
     seed: int = 0,
     max_steps: int | None = None,
     eval_limit: int | None = 200,
@@ -890,9 +892,10 @@ def train_adapter_cmd(
     ] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     refusal_names_subject: Annotated[
-        bool, typer.Option("--refusal-names-subject", help="reasoning: targets name the "
-                           "subject as the question does (default: they name no one).")
-    ] = False,
+        bool, typer.Option("--refusal-names-subject/--nameless-refusals",
+                           help="reasoning: targets name the subject as the question does "
+                           "(default), or never.")
+    ] = True,
     eval_limit: Annotated[
         int, typer.Option("--eval-limit", help="Rows per set scored in the report (0: all).")
     ] = 200,
