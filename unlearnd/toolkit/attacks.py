@@ -68,7 +68,14 @@ from unlearnd.guards.spans import (
     stem,
     words,
 )
-from unlearnd.toolkit.evaluate import EvalError, _api_base, is_leak, is_refusal, load_qa
+from unlearnd.toolkit.evaluate import (
+    EvalError,
+    _api_base,
+    is_leak,
+    is_refusal,
+    load_qa,
+    run_with_progress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -816,7 +823,6 @@ async def run_attacks_async(
 ) -> dict[str, Any]:
     """Async form of :func:`run_attacks` (same arguments)."""
     from openai import AsyncOpenAI
-    from tqdm.auto import tqdm
 
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
@@ -867,16 +873,7 @@ async def run_attacks_async(
         logger.info("%d attacks x %d items against %s (model %s)", len(selected), len(items),
                     api_base, model_id)
         tasks = [asyncio.ensure_future(j[3]) for j in jobs]
-        try:
-            with tqdm(total=len(tasks), desc="attacks", unit="job", disable=None) as bar:
-                for fut in asyncio.as_completed(tasks):
-                    await fut
-                    bar.update(1)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await run_with_progress(tasks, desc="attacks", unit="job", disable=None)
     finally:
         if http_client is None:
             await tenant_client.close()

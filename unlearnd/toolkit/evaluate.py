@@ -550,6 +550,24 @@ def _rejects_n(exc: Any) -> bool:
 _Job = tuple[str, int, float]
 
 
+async def run_with_progress(tasks: Sequence[asyncio.Future], *, desc: str, unit: str,
+                            disable: bool | None = False) -> None:
+    """Await ``tasks`` with a progress bar; on any failure (or cancellation) cancel the
+    rest and wait for them before re-raising, so nothing is left running."""
+    from tqdm.auto import tqdm
+
+    try:
+        with tqdm(total=len(tasks), desc=desc, unit=unit, disable=disable) as bar:
+            for fut in asyncio.as_completed(tasks):
+                await fut
+                bar.update(1)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def _ask_all(
     client: Any,
     jobs: Sequence[_Job],
@@ -568,7 +586,6 @@ async def _ask_all(
     flight, fallback requests included.
     """
     import openai
-    from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(concurrency)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
@@ -659,16 +676,7 @@ async def _ask_all(
         }
 
     tasks = [asyncio.create_task(one(i, job)) for i, job in enumerate(jobs)]
-    try:
-        with tqdm(total=len(tasks), desc="eval", unit="q") as bar:
-            for fut in asyncio.as_completed(tasks):
-                await fut
-                bar.update(1)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    await run_with_progress(tasks, desc="eval", unit="q")
     return [r for r in results if r is not None], n_rejected
 
 
