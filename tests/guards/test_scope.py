@@ -189,6 +189,9 @@ def test_obfuscated_names_are_in_scope(guard: ScopeGuard, before: str, name: str
     assert d.in_scope and d.subject == subject, d
     assert d.named and d.mention == name, d  # the name exactly as the user wrote it
     assert subject in d.internal_reason
+    # the decision's named items are what the firewall gets without a decision
+    messages = [{"role": "user", "content": before + name + after}]
+    assert list(d.named_items) == guard.named_items(messages) and d.item in d.named_items
 
 
 ORDINARY = [

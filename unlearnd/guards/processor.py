@@ -245,10 +245,8 @@ class GuardBatch:
     # ------------------------------------------------------------ apply
 
     def _eos_only(self, logits: torch.Tensor, r: int, row: _Row | None, why: str) -> None:
-        eos = row.policy.eos_token_id if row is not None and row.policy is not None \
-            else self.default_eos
         logits[r].fill_(float("-inf"))
-        logits[r, eos if eos is not None and eos < logits.shape[1] else 0] = 0.0
+        logits[r, self._eos_of(row, logits.shape[1])] = 0.0
         self.fail_closed += 1
         logger.error("unlearnd: row %d (request %s) fails closed: %s", r,
                      row.key if row else "?", why)
@@ -308,8 +306,10 @@ class GuardBatch:
                 self._eos_only(logits, r, self.rows.get(r), f"kernel: {exc}")
         return logits
 
-    def _eos_of(self, row: _Row, vocab: int) -> int:
-        eos = row.policy.eos_token_id if row.policy is not None else self.default_eos
+    def _eos_of(self, row: _Row | None, vocab: int) -> int:
+        """The row's EOS id (its policy's, else the model's; 0 when neither fits)."""
+        eos = row.policy.eos_token_id if row is not None and row.policy is not None \
+            else self.default_eos
         return eos if eos is not None and 0 <= eos < vocab else 0
 
     def _run_kernel(self, logits: torch.Tensor, work: list[int], bans: list[list[int]],

@@ -117,6 +117,8 @@ class ScopeDecision:
             ``named`` is False.
         internal_reason: the full reason naming the subject, for operators' logs and
             audit; defaults to ``reason``.
+        named_items: every item the conversation names (what :meth:`ScopeGuard.
+            named_items` returns), sorted; internal (the firewall arms their spans).
     """
 
     in_scope: bool
@@ -128,6 +130,7 @@ class ScopeDecision:
     named: bool = False
     mention: str | None = None
     internal_reason: str = ""
+    named_items: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.internal_reason:
@@ -586,10 +589,9 @@ class ScopeGuard:
         items are active from the first token: its own alias automaton runs on token
         ids and cannot see "HSIAO YUN-HWA" or Cyrillic look-alikes."""
         conv = _Conversation.of(list(_message_texts(messages)))
-        items = {item for item, *_ in self._alias_matches(conv.ws)}
         spelled, _ = self._spelled_matches(conv)
-        items |= {m[0] for m in spelled}
-        return sorted(items)
+        return sorted({item for item, *_ in self._alias_matches(conv.ws)}
+                      | {m[0] for m in spelled})
 
     def check(self, messages: list[dict]) -> ScopeDecision:
         """Decide on a chat conversation (OpenAI-style message dicts)."""
@@ -599,6 +601,7 @@ class ScopeGuard:
                                  for item, score, i, n in self._alias_matches(conv.ws)]
         spelled, joined = self._spelled_matches(conv)
         matches += spelled
+        named_items = tuple(sorted({m[0] for m in matches}))
         alias: dict[int, float] = {}
         for item, score, _, _ in matches:
             if score > alias.get(item, 0.0):
@@ -630,7 +633,8 @@ class ScopeGuard:
         signals: dict[str, Any] = {"embedding_similarity": round(emb_sim, 4)}
         if best_item < 0:
             none = "The request names or describes no removed subject."
-            return ScopeDecision(False, 0.0, -1, None, none, signals, internal_reason=none)
+            return ScopeDecision(False, 0.0, -1, None, none, signals, internal_reason=none,
+                                 named_items=named_items)
         item = self.policy.items[best_item]
         subject = item.subject
         a, d, e = best_parts
@@ -695,4 +699,5 @@ class ScopeGuard:
             internal = (f"The request closely matches a question about {subject}, a subject "
                         "removed under this policy.")
         return ScopeDecision(in_scope, round(best_score, 4), best_item, subject, reason,
-                             signals, named=named, mention=mention, internal_reason=internal)
+                             signals, named=named, mention=mention, internal_reason=internal,
+                             named_items=named_items)

@@ -96,23 +96,24 @@ class GuardPipeline:
             "unlearnd_item": -1,
         }
         disclose = self.policy.setting("refusal_style", "explained") != "ignorant"
-        if self.mentions is not None and "firewall" in self.mechanisms:
-            extra["unlearnd_mentioned"] = self.mentions.named_items(messages)
+        firewall = self.mentions is not None and "firewall" in self.mechanisms
         if self.scope is None:
+            if firewall:
+                extra["unlearnd_mentioned"] = self.mentions.named_items(messages)
             return GuardResult("unguarded" if not self.mechanisms else "out_of_scope",
                                "The scope guard is off for this policy.", 0.0, -1, None, extra,
                                time.perf_counter() - t0, disclose=disclose)
         d = self.scope.check(messages)
+        if firewall:  # the same alias matches, found once by the decision
+            extra["unlearnd_mentioned"] = list(d.named_items)
         if d.in_scope:
             extra["unlearnd_in_scope"] = 1
             extra["unlearnd_item"] = int(d.item)
             extra["unlearnd_refusal_ids"] = self.policy.encode(render_refusal(self.policy, d))
         return GuardResult("in_scope" if d.in_scope else "out_of_scope", d.reason,
                            float(d.score), int(d.item), d.subject, extra,
-                           time.perf_counter() - t0, named=bool(getattr(d, "named", False)),
-                           mention=getattr(d, "mention", None),
-                           internal_reason=getattr(d, "internal_reason", "") or d.reason,
-                           disclose=disclose)
+                           time.perf_counter() - t0, named=d.named, mention=d.mention,
+                           internal_reason=d.internal_reason, disclose=disclose)
 
     @property
     def top_logprobs_allowed(self) -> bool:
