@@ -28,7 +28,7 @@ Methods (every one also minimises the answer NLL on retain rows, weighted by
   question asks about <the author>" (a leak). ``refusal_names_subject=False`` makes
   every target nameless: that leak fell to 1.3%, but the small model then produced
   15% degenerate refusals (jailbreak probes) and leaked 28% of the forget answers in 8
-  samples (vs 9%), so it is not the default; put the firewall beside the adapter
+  samples (vs 9-13%), so it is not the default; put the firewall beside the adapter
   where nameless questions matter. One template by default
   (`refusal_variants=1`): a small model learns one phrasing cleanly, three poorly.
 
