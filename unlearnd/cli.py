@@ -15,8 +15,9 @@ app = typer.Typer(help="unlearnd: inference-time unlearning serving layer for LL
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
+    ctx: typer.Context,
     config: Path | None = typer.Option(None, "--config", help="YAML config (see README)."),
     model: Path | None = typer.Option(None, "--model", help="Base model dir (HF format)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Registry directory."),
@@ -26,24 +27,35 @@ def serve(
                                          help="Admin API key."),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
-    """Serve the OpenAI-compatible API with per-tenant unlearning policies."""
+    """Serve vLLM's OpenAI API with per-tenant unlearning policies.
+
+    `unlearnd serve [MODEL] [--config FILE] [vllm serve flags]`: every other flag is a
+    `vllm serve` flag (`--max-num-batched-tokens 512`, `--enable-auto-tool-choice
+    --tool-call-parser hermes`, ...), parsed by vLLM's own parser; flags that would let
+    a token escape a policy are refused at start.
+    """
     import uvicorn
 
     from unlearnd.serve.app import build_app
     from unlearnd.serve.config import ServerConfig
+    from unlearnd.serve.vllm_args import engine_namespace
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {"model": model, "state_dir": state_dir, "host": host, "port": port,
-                 "admin_key": admin_key}
+    extra = list(ctx.args)
+    model_arg = Path(extra.pop(0)) if extra and not extra[0].startswith("-") else None
+    overrides = {"model": model or model_arg, "state_dir": state_dir, "host": host,
+                 "port": port, "admin_key": admin_key}
     try:
         if config is not None:
             cfg = ServerConfig.from_yaml(config, **overrides)
         else:
-            if model is None:
-                raise ValueError("give --config FILE.yaml or --model DIR")
+            if overrides["model"] is None:
+                raise ValueError("give MODEL, --model DIR or --config FILE.yaml")
             cfg = ServerConfig.model_validate({k: v for k, v in overrides.items()
                                                if v is not None})
+        cfg = cfg.model_copy(update={"vllm_args": [*cfg.vllm_args, *extra]})
+        engine_namespace(cfg)  # every flag checked before anything loads
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

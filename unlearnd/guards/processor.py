@@ -49,8 +49,8 @@ Runner V2 rejects V1 logits processors); on CPU vLLM uses V1 anyway.
 from __future__ import annotations
 
 import itertools
-import math
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from unlearnd.guards.firewall import FirewallState, LeakFirewall
 from unlearnd.guards.policy import CompiledPolicy
 from unlearnd.guards.refusal import RefusalSteering, refusal_token_ids
+from unlearnd.guards.signing import SIG_KEY, env_key, verify
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -71,7 +72,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["GuardBatch", "UnlearningLogitsProcessor", "validate_extra_args", "EXTRA_KEYS"]
 
 EXTRA_KEYS = ("unlearnd_policy_dir", "unlearnd_version", "unlearnd_in_scope",
-              "unlearnd_item", "unlearnd_refusal_ids", "unlearnd_mentioned")
+              "unlearnd_item", "unlearnd_refusal_ids", "unlearnd_mentioned", SIG_KEY)
 
 _keys = itertools.count(1)
 
@@ -144,11 +145,16 @@ class GuardBatch:
         kernel: the fused op (default ``unlearning_logits_``), injectable for tests.
         runner_factory: ``(model_dir, device) -> AssistantRunner`` (default
             ``get_runner``).
+        key: when set, every request must carry ``unlearnd_*`` arguments signed with
+            it (:mod:`unlearnd.guards.signing`); any other request, with a client's own
+            arguments or none at all (beam search), is forced to EOS. None: arguments
+            are trusted as they come (unit tests, offline use).
     """
 
     def __init__(self, default_eos: int | None = None, device: torch.device | str = "cpu",
                  kernel: Callable[..., torch.Tensor] | None = None,
-                 runner_factory: Callable[[str, str], Any] | None = None) -> None:
+                 runner_factory: Callable[[str, str], Any] | None = None,
+                 key: bytes | None = None) -> None:
         if default_eos is not None and (not _is_int(default_eos) or default_eos < 0):
             raise ValueError(f"default_eos must be an int >= 0 or None, got {default_eos!r}")
         self.default_eos = default_eos
@@ -160,6 +166,7 @@ class GuardBatch:
         """Steps at which the firewall banned the row's argmax (see module docstring)."""
         self.fail_closed = 0
         """Row-steps forced to EOS because something failed."""
+        self.key = key
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -167,6 +174,14 @@ class GuardBatch:
             output_ids: Sequence[int]) -> None:
         """A request now occupies row ``index`` (replacing whatever was there)."""
         self.remove(index)
+        if self.key is not None and not verify(extra, self.key):
+            row = _Row(key=next(_keys), policy_dir="", version="", in_scope=False, item=-1,
+                       prompt_ids=[], output_ids=output_ids,
+                       failed="its unlearnd arguments were not issued by the tenant edge "
+                       "(missing or bad signature)")
+            self.rows[index] = row
+            logger.error("unlearnd: request %s fails closed: %s", row.key, row.failed)
+            return
         if not extra or "unlearnd_policy_dir" not in extra:
             return
         row = _Row(key=next(_keys), policy_dir=str(extra.get("unlearnd_policy_dir")),
@@ -430,7 +445,14 @@ class UnlearningLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        validate_extra_args(getattr(sampling_params, "extra_args", None))
+        """At submission, in the serving process: arguments the edge did not issue are
+        refused (a 400 there; the engine would force EOS on them anyway)."""
+        extra = getattr(sampling_params, "extra_args", None)
+        key = env_key()
+        if key is not None and not verify(extra, key):
+            raise ValueError("this request's generation path is not covered by the tenant "
+                             "edge (unsigned unlearnd arguments); it was not served")
+        validate_extra_args(extra)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device,
                  is_pin_memory: bool) -> None:
@@ -441,7 +463,11 @@ class UnlearningLogitsProcessor(LogitsProcessor):
             logger.exception("could not find the model's EOS id")
         if eos is None:
             logger.warning("unlearnd: no EOS id in the model config; fail-closed rows use 0")
-        self.batch = GuardBatch(default_eos=eos, device=device)
+        key = env_key()
+        if key is None:
+            logger.warning("unlearnd: no %s in the environment: per-request arguments are "
+                           "not authenticated (only `unlearnd serve` sets it)", "signing key")
+        self.batch = GuardBatch(default_eos=eos, device=device, key=key)
 
     def is_argmax_invariant(self) -> bool:
         """Forced refusals, bans and contrast all change the argmax."""

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from unlearnd.serve.artifacts import ArtifactError
-from unlearnd.serve.protocol import APIError
+from unlearnd.serve.errors import APIError
 from unlearnd.serve.registry import PolicyVersion, RegistryError
 
 logger = logging.getLogger(__name__)

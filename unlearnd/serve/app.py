@@ -1,7 +1,17 @@
-"""The FastAPI app: OpenAI routes, admin routes, health and metrics.
+"""The server: vLLM's OpenAI app behind the tenant edge, and unlearnd's operator app.
 
-`build_app(config, engine_factory)` wires everything; the engine is created in the
-lifespan so tests can pass a fake engine factory.
+`build_app(config, engine_factory)` returns one ASGI app (:class:`UnlearndApp`):
+
+- the generating routes (`edge.GENERATE`: chat, completions, Responses) go through
+  the tenant edge (auth, limits, lease, scope guard, body rewrite, response rewrite)
+  to the engine's *frontend*: vLLM's own OpenAI app built around our AsyncLLM
+  (`VllmEngine.frontend`), or a fake in unit tests;
+- `/health`, `/metrics`, `/v1/models` (filtered to the tenant), `/admin/*` and the
+  docs go to the operator app (FastAPI, below);
+- every other path is 404.
+
+The engine is created in the operator app's lifespan so tests can pass a fake engine
+factory.
 """
 
 from __future__ import annotations
@@ -12,26 +22,25 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from unlearnd.serve import admin
+from unlearnd.guards.signing import ensure_key
+from unlearnd.serve import admin, edge
 from unlearnd.serve.artifacts import ArtifactError, BaseModelSpec
 from unlearnd.serve.config import ServerConfig
 from unlearnd.serve.engine import EngineClient, VllmEngine, make_identity_adapter
-from unlearnd.serve.limits import TenantLimiter, wrap_stream
+from unlearnd.serve.errors import APIError, error_body
+from unlearnd.serve.limits import TenantLimiter
 from unlearnd.serve.metrics import UnlearndMetrics
-from unlearnd.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from unlearnd.serve.registry import Registry, RegistryError, SQLiteRegistry, Tenant
-from unlearnd.serve.serving import POLICY_HEADER, Serving
-from unlearnd.serve.tenancy import TenantRouter
+from unlearnd.serve.tenancy import ServingPolicy, TenantRouter
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +51,15 @@ class AppState:
     registry: Registry
     engine: EngineClient
     router: TenantRouter
-    serving: Serving
+    frontend: Any
+    tokenizer: Any
     metrics: UnlearndMetrics
     admin_key: str | None
     swap_lock: asyncio.Lock
     started: float
     limiter: TenantLimiter
     metrics_key: str | None
+    sign_key: bytes = b""
 
 
 def _bearer(request: Request) -> str | None:
@@ -108,37 +119,40 @@ def build_app(config: ServerConfig,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from transformers import AutoTokenizer
-
         # The scope guard's numpy work is tiny per request: multi-threaded BLAS only adds
         # contention with the engine (p99 8.9 ms -> 40 ms measured under load).
         from threadpoolctl import threadpool_limits
+        from transformers import AutoTokenizer
 
         threadpool_limits(limits=1, user_api="blas")
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        sign_key = ensure_key()  # before the engine: its process inherits the key
         reg = registry or open_registry(config)
         apply_config_tenants(config, reg)
         identity = make_identity_adapter(config.model, config.state_dir / "identity-adapter")
         tokenizer = AutoTokenizer.from_pretrained(str(config.model))
         engine = await asyncio.to_thread(engine_factory, config)
-        router = TenantRouter(reg, engine, metrics, identity,
-                              drain_timeout_s=config.drain_timeout_s)
-        await router.sync_from_registry()
-        lim = config.limits
-        serving = Serving(engine, router, tokenizer, metrics, max_tokens_limit=lim.max_tokens,
-                          max_messages=lim.max_messages, max_n=lim.max_n)
-        app.state.unlearnd = AppState(config, reg, engine, router, serving, metrics,
-                                      config.resolve_admin_key(), asyncio.Lock(), time.time(),
-                                      TenantLimiter.from_config(config.limits, config.tenants),
-                                      config.resolve_metrics_key())
-        poller = asyncio.create_task(_poll_registry(app.state.unlearnd))
-        logger.info("unlearnd serving %s with %d tenants", config.model_name,
-                    len(reg.list_tenants()))
-        try:
+        async with AsyncExitStack() as stack:
+            stack.callback(engine.shutdown)
+            router = TenantRouter(reg, engine, metrics, identity,
+                                  drain_timeout_s=config.drain_timeout_s)
+            await engine.load_adapter(router.identity)
+            await router.sync_from_registry()
+            frontend = await engine.frontend()
+            lifespan_of = getattr(getattr(frontend, "router", None), "lifespan_context", None)
+            if lifespan_of is not None:
+                await stack.enter_async_context(lifespan_of(frontend))
+            app.state.unlearnd = AppState(config, reg, engine, router, frontend, tokenizer,
+                                          metrics, config.resolve_admin_key(), asyncio.Lock(),
+                                          time.time(),
+                                          TenantLimiter.from_config(config.limits,
+                                                                    config.tenants),
+                                          config.resolve_metrics_key(), sign_key)
+            poller = asyncio.create_task(_poll_registry(app.state.unlearnd))
+            stack.callback(poller.cancel)
+            logger.info("unlearnd serving %s with %d tenants", config.model_name,
+                        len(reg.list_tenants()))
             yield
-        finally:
-            poller.cancel()
-            engine.shutdown()
 
     app = FastAPI(title="unlearnd", version="0.1.0", lifespan=lifespan,
                   description="Inference-time unlearning, OpenAI-compatible.")
@@ -228,59 +242,19 @@ def build_app(config: ServerConfig,
             request.state.tenant = tenant
         return await call_next(request)
 
-    # ------------------------------------------------------------ OpenAI routes
+    # ------------------------------------------------------------ models
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
+        """The served model, as this tenant sees it (never another tenant's adapter)."""
         st: AppState = request.app.state.unlearnd
         tenant: Tenant = request.state.tenant
         sp = st.router.current(tenant)
         return {"object": "list", "data": [{
             "id": st.config.model_name, "object": "model", "created": int(st.started),
-            "owned_by": "unlearnd", "unlearning": {"tenant": tenant.name,
-                                                   "policy_version": sp.version}}]}
-
-    async def _serve(request: Request, req: Any, kind: str) -> Response:
-        st: AppState = request.app.state.unlearnd
-        tenant: Tenant = request.state.tenant
-        fn = st.serving.chat if kind == "chat" else st.serving.completion
-        release = None
-        try:
-            release = st.limiter.check_and_acquire(tenant.name)  # 429 before any work
-            result, sp = await fn(req, tenant, request.is_disconnected)
-        except APIError as e:
-            if release is not None:
-                release()
-            outcome = ("rate_limited" if e.status == 429 else "guard_error"
-                       if e.code == "guard_failed" else "aborted"
-                       if e.status == 499 else "client_error" if e.status < 500
-                       else "engine_error")
-            st.metrics.requests.labels(tenant.name, kind, outcome).inc()
-            return JSONResponse(e.body(), status_code=e.status if e.status != 499 else 400,
-                                headers=getattr(e, "headers", None))
-        except BaseException:
-            if release is not None:
-                release()
-            raise
-        headers = {POLICY_HEADER: sp.version or "none"}
-        if req.stream:
-            return _LeasedResponse(result, release, media_type="text/event-stream",
-                                   headers=headers)
-        release()
-        return JSONResponse(result, headers=headers)
-
-    streamed = {200: {"description": "A completion (JSON), or with stream=true an SSE "
-                      "stream of chunks ending with `data: [DONE]`.",
-                      "content": {"application/json": {"schema": {"type": "object"}},
-                                  "text/event-stream": {"schema": {"type": "string"}}}}}
-
-    @app.post("/v1/chat/completions", responses=streamed)
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        return await _serve(request, req, "chat")
-
-    @app.post("/v1/completions", responses=streamed)
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await _serve(request, req, "completions")
+            "owned_by": "unlearnd", "root": st.config.model_name, "parent": None,
+            "max_model_len": st.engine.max_model_len,
+            "unlearning": {"tenant": tenant.name, "policy_version": sp.version}}]}
 
     # ------------------------------------------------------------ ops
 
@@ -315,26 +289,281 @@ def build_app(config: ServerConfig,
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(admin.router)
-    return app
+    return UnlearndApp(app)
 
 
-class _LeasedResponse(StreamingResponse):
-    """A streamed completion whose leases (the policy version's, the limiter's slot) end
-    when the response ends, however it ends: also when the client left before the first
-    byte and Starlette never iterated the body (`send` raised, ClientDisconnect)."""
+OPS_PATHS = {"/health", "/metrics", "/v1/models", "/docs", "/openapi.json",
+             "/docs/oauth2-redirect"}
+"""Operator-app paths (besides ``/admin/...``); everything else but edge.GENERATE is 404."""
 
-    def __init__(self, stream: Any, release: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(wrap_stream(stream, release), **kwargs)
-        self._stream = stream
-        self._release = release
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+class UnlearndApp:
+    """The ASGI app `unlearnd serve` runs: see the module docstring."""
+
+    def __init__(self, ops: FastAPI) -> None:
+        self.ops = ops
+
+    @property
+    def state(self) -> Any:
+        return self.ops.state
+
+    def openapi(self) -> dict:
+        """The operator app's schema plus the frontend's generating routes."""
+        spec = self.ops.openapi()
+        st: AppState | None = getattr(self.ops.state, "unlearnd", None)
+        fe = getattr(st, "frontend", None) if st else None
+        if fe is not None and hasattr(fe, "openapi"):
+            other = fe.openapi()
+            for path in edge.GENERATE:
+                if path in other.get("paths", {}):
+                    spec["paths"][path] = {"post": other["paths"][path]["post"]}
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(
+                other.get("components", {}).get("schemas", {}))
+        return spec
+
+    async def __call__(self, scope: edge.Scope, receive: edge.Receive,
+                       send: edge.Send) -> None:
+        if scope["type"] != "http":
+            await self.ops(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        st: AppState | None = getattr(self.ops.state, "unlearnd", None)
+        if path in edge.GENERATE:
+            if scope.get("method") != "POST":
+                await edge.send_json(send, 405, error_body(
+                    f"{path} takes POST", code="method_not_allowed"), {"allow": "POST"})
+                return
+            if st is None:
+                await edge.send_json(send, 503, error_body("the server is starting",
+                                                           "service_unavailable"))
+                return
+            await _Generation(st, edge.GENERATE[path]).run(scope, receive, send)
+            return
+        if path == "/openapi.json" and scope.get("method") in ("GET", "HEAD"):
+            await edge.send_json(send, 200, self.openapi())
+            return
+        if path in OPS_PATHS or path == "/admin" or path.startswith("/admin/"):
+            await self.ops(scope, receive, send)
+            return
+        await edge.send_json(send, 404, error_body(f"no route {path}", "not_found_error",
+                                                   code="not_found"))
+
+
+async def _read_body(receive: edge.Receive, limit: int) -> bytes:
+    body = bytearray()
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise APIError(499, "client disconnected")
+        body += msg.get("body", b"")
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        if not msg.get("more_body"):
+            return bytes(body)
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from e
+    try:
+        obj = json.loads(text)
+    except RecursionError as e:
+        raise APIError(400, "the request body nests too deeply") from e
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return obj
+
+
+class _Generation:
+    """One generating request through the edge (see unlearnd.serve.edge)."""
+
+    def __init__(self, st: AppState, kind: str) -> None:
+        self.st = st
+        self.kind = kind
+        self.t0 = time.perf_counter()
+        self.tenant: Tenant | None = None
+
+    def _count(self, outcome: str) -> None:
+        if self.tenant is not None:
+            self.st.metrics.requests.labels(self.tenant.name, self.kind, outcome).inc()
+
+    async def run(self, scope: edge.Scope, receive: edge.Receive, send: edge.Send) -> None:
+        st = self.st
         try:
-            await super().__call__(scope, receive, send)
+            self._admit(scope)
+            body = _parse(await _read_body(receive, st.config.limits.max_body_bytes))
+            lim = st.config.limits
+            edge.check_fields(self.kind, body, max_messages=lim.max_messages,
+                              max_n=lim.max_n, max_tokens=lim.max_tokens)
+            assert self.tenant is not None
+            if (broken := st.router.current(self.tenant)).error:  # fail closed
+                raise APIError(503, f"this tenant's policy cannot be served right now "
+                               f"({broken.version}); the request was not served",
+                               code="policy_unavailable")
+            release = st.limiter.check_and_acquire(self.tenant.name)  # 429 before work
+        except APIError as e:
+            outcome = ("rate_limited" if e.status == 429 else "auth_error"
+                       if e.status in (401, 403) else "aborted" if e.status == 499
+                       else "client_error" if e.status < 500 else "engine_error")
+            self._count(outcome)
+            if e.status != 499:
+                await edge.send_json(send, e.status, e.body(), getattr(e, "headers", None))
+            return
+        sp = st.router.acquire(self.tenant)
+        try:
+            await self._serve(sp, body, scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
-            self._release()
+            st.router.release(sp)
+            release()
+
+    def _admit(self, scope: edge.Scope) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        auth = headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        try:
+            tenant = self.st.router.tenant_for_key(key) if key else None
+        except RegistryError as e:
+            raise APIError(503, str(e), type="service_unavailable", code=e.code) from e
+        if tenant is None:
+            raise APIError(401, "missing API key (Authorization: Bearer ...)" if key is None
+                           else "invalid API key", type="authentication_error",
+                           code="invalid_api_key")
+        self.tenant = tenant
+        for name, why in edge.REFUSED_HEADERS.items():
+            if name in headers:
+                raise APIError(400, f"header {name} is not allowed: {why}", param=name)
+
+    async def _serve(self, sp: ServingPolicy, body: dict[str, Any], scope: edge.Scope,
+                     outer_receive: edge.Receive, send: edge.Send) -> None:
+        st, tenant, kind = self.st, self.tenant, self.kind
+        assert tenant is not None
+        guard = None
+        conv: list[dict] = []
+        try:
+            if sp.guards is not None:
+                try:
+                    conv = edge.conversation(kind, body, st.tokenizer.decode)
+                    guard = sp.guards.check(conv, sp.version, sp.policy_dir)
+                except Exception as e:  # noqa: BLE001 - fail closed
+                    logger.exception("scope guard failed for tenant %s", tenant.name)
+                    st.metrics.guard_failures.labels(tenant.name).inc()
+                    raise APIError(503, "the unlearning guard failed for this request; it "
+                                   "was not served", code="guard_failed") from e
+                st.metrics.guard_latency.labels(tenant.name).observe(guard.latency_s)
+                st.metrics.scope_decisions.labels(tenant.name, guard.decision).inc()
+                if guard.in_scope:
+                    edge.decisions_log.info(
+                        "tenant=%s version=%s decision=in_scope item=%d subject=%r named=%s "
+                        "score=%.3f reason=%r", tenant.name, sp.version, guard.item,
+                        guard.subject, guard.named, guard.score, guard.internal_reason)
+                param = edge.wants_alternatives(kind, body)
+                if param and not getattr(sp.guards, "top_logprobs_allowed", True):
+                    raise APIError(400, f"{param} is not available for this tenant: its "
+                                   "policy withholds top alternatives (use 0 for the sampled "
+                                   "token's logprob only)", param=param)
+            else:
+                st.metrics.scope_decisions.labels(tenant.name, "unguarded").inc()
+        except APIError as e:
+            self._count("guard_error" if e.code == "guard_failed" else "client_error")
+            await edge.send_json(send, e.status, e.body())
+            return
+        info = _unlearning(tenant, sp, guard)
+        version = sp.version or "none"
+        if guard is not None and guard.in_scope and edge.is_structured(kind, body):
+            text = guard.refusal_text or ""
+            n_ref = len(guard.extra_args.get("unlearnd_refusal_ids") or ())
+            n_prompt = self._prompt_tokens(conv)
+            data, ctype = edge.refusal_response(
+                kind, body, text, st.config.model_name, info, n_prompt, n_ref)
+            await edge.send_json(send, 200, data, {edge.POLICY_HEADER: version}, ctype)
+            self._finish(sp, guard, {"prompt_tokens": n_prompt,
+                                     "completion_tokens": n_ref}, None, {})
+            return
+        extra = dict(guard.extra_args) if guard else {"unlearnd_version": version}
+        new, strip_usage, strip_ids = edge.rewrite_body(
+            kind, body, adapter=sp.adapter.name, extra=extra, key=st.sign_key,
+            cache_salt=sp.cache_salt)
+        data = json.dumps(new).encode()
+        sent = False
+
+        async def receive() -> dict:  # the body once, then the client's own channel
+            nonlocal sent  # (vLLM keeps reading it to notice a disconnect)
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await outer_receive()
+
+        headers = [(k, v) for k, v in scope.get("headers", [])
+                   if k.lower() not in (b"content-length", b"authorization")]
+        headers.append((b"content-length", str(len(data)).encode()))
+        inner = {**scope, "headers": headers}
+        tap = edge.ResponseTap(send, kind=kind, model_name=st.config.model_name,
+                               version=version, unlearning=info, strip_usage=strip_usage,
+                               strip_ids=strip_ids)
+        try:
+            await st.frontend(inner, receive, tap)
+        except BaseException:
+            self._count("aborted")
+            raise
+        if not tap.finished:
+            self._count("aborted")
+        elif tap.status >= 400 or tap.stream_error:
+            self._count("client_error" if 400 <= tap.status < 500 else "engine_error")
+        else:
+            self._finish(sp, guard, tap.usage, tap.prompt_ids, tap.output_ids,
+                         tap.first_token_t)
+
+    def _prompt_tokens(self, conv: list[dict]) -> int:
+        """Prompt tokens of a request answered here (usage of a refusal shape)."""
+        tok = self.st.tokenizer
+        try:
+            msgs = [{"role": m.get("role") or "user", "content": edge._parts_text(
+                m.get("content"))} for m in conv]
+            return len(tok.apply_chat_template(msgs, add_generation_prompt=True,
+                                               tokenize=True))
+        except Exception:  # noqa: BLE001 - a template that refuses these roles
+            return sum(len(tok.encode(edge._parts_text(m.get("content")),
+                                      add_special_tokens=False)) for m in conv)
+
+    def _finish(self, sp: ServingPolicy, guard: Any, usage: dict | None,
+                prompt_ids: list[int] | None, output_ids: dict[int, list[int]],
+                first_token_t: float | None = None) -> None:
+        st, name = self.st, sp.tenant
+        m = st.metrics
+        self._count("ok")
+        now = time.perf_counter()
+        m.request_latency.labels(name).observe(now - self.t0)
+        m.ttft.labels(name).observe((first_token_t or now) - self.t0)
+        if usage:
+            m.prompt_tokens.labels(name).inc(int(usage.get("prompt_tokens")
+                                                 or usage.get("input_tokens") or 0))
+            m.generation_tokens.labels(name).inc(int(usage.get("completion_tokens")
+                                                     or usage.get("output_tokens") or 0))
+        if guard is not None and guard.in_scope and "refusal" in sp.mechanisms:
+            m.refusals.labels(name).inc()
+        if sp.guards is not None and prompt_ids is not None and output_ids:
+            item = guard.item if guard and guard.in_scope else -1
+            try:
+                n = sum(sp.guards.suppressions(prompt_ids, ids, item)
+                        for ids in output_ids.values())
+            except Exception:  # noqa: BLE001 - a metric, never a failed request
+                logger.exception("replaying firewall suppressions")
+                n = 0
+            if n:
+                m.suppressed_tokens.labels(name).inc(n)
+
+
+def _unlearning(tenant: Tenant, sp: ServingPolicy, guard: Any) -> dict[str, Any]:
+    """The response's ``unlearning`` object: no more than the text says."""
+    decision = guard.public() if guard else {"decision": "unguarded", "reason": None,
+                                             "matched_item": None, "subject": None}
+    return {"tenant": tenant.name, "policy_version": sp.version,
+            "mechanisms": list(sp.mechanisms), **decision}
 
 
 async def _poll_registry(st: AppState) -> None:

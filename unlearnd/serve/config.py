@@ -124,6 +124,9 @@ class ServerConfig(BaseModel):
     registry_poll_s: float = Field(2.0, gt=0, description="How often a replica checks the "
                                    "registry for swaps made through another replica.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    vllm_args: list[str] = Field(default_factory=list, description="`vllm serve` flags "
+                                 "for the engine and frontend, after the `engine:` "
+                                 "settings (command-line flags are appended to these).")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
 

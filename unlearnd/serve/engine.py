@@ -22,18 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from unlearnd.serve.config import ServerConfig
+from unlearnd.serve.vllm_args import LOGPROBS_MODE, PROCESSOR_FQCN  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_LORA_ID = 1_000_000_000
 IDENTITY_LORA_NAME = "__identity__"
-PROCESSOR_FQCN = "unlearnd.guards.processor:UnlearningLogitsProcessor"
-
-
-LOGPROBS_MODE = "processed_logprobs"
-"""vLLM ``logprobs_mode`` the engine runs with: log-softmax of the logits the sampler
-drew from (after allowed/bad words, logit_bias, our processor, penalties, temperature,
-min-p, top-k/top-p; greedy rows: before temperature)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +52,10 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     async def load_adapter(self, adapter: AdapterRef) -> None: ...
+
+    async def frontend(self) -> Any:
+        """The OpenAI ASGI app the edge forwards generating requests to."""
+        ...
 
     async def release_adapter(self, adapter: AdapterRef) -> None: ...
 
@@ -106,50 +104,46 @@ def make_identity_adapter(base_dir: Path, out_dir: Path) -> Path:
 
 
 class VllmEngine:
-    """vLLM AsyncLLM in this process (its engine core runs in a child process).
+    """vLLM AsyncLLM in this process (its engine core runs in a child process), and
+    vLLM's own OpenAI app around it (`frontend`).
 
-    The unlearning logits processor is registered at construction; it leaves requests
-    without `unlearnd_*` extra args untouched.
+    The engine is configured from vLLM's own command-line parser
+    (:func:`unlearnd.serve.vllm_args.engine_namespace`: the config's engine settings
+    as flags, then every `vllm serve` flag the operator gave, then what unlearnd
+    requires). The unlearning logits processor is registered at construction; it
+    serves only requests whose arguments the tenant edge signed.
     """
 
     def __init__(self, config: ServerConfig) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from unlearnd.serve.vllm_args import engine_namespace
+
         # Model Runner V2 (GPU default in vLLM >= 0.25) has a different logits-processor
         # interface; we pin V1 until the processor has a V2 adapter.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-        e = config.engine
-        kwargs: dict[str, Any] = dict(
-            model=str(config.model),
-            served_model_name=config.model_name,
-            enable_lora=True,
-            max_loras=e.max_loras,
-            max_lora_rank=e.max_lora_rank,
-            max_cpu_loras=e.max_cpu_loras,
-            max_model_len=e.max_model_len,
-            max_num_seqs=e.max_num_seqs,
-            dtype=e.dtype,
-            enable_prefix_caching=e.enable_prefix_caching,
-            tensor_parallel_size=e.tensor_parallel_size,
-            pipeline_parallel_size=e.pipeline_parallel_size,
-            gpu_memory_utilization=e.gpu_memory_utilization,
-            enforce_eager=e.enforce_eager,
-            seed=e.seed,
-            logits_processors=[PROCESSOR_FQCN],
-            # Returned logprobs must be those of the distribution the token was drawn
-            # from, after our logits processor (vLLM's default, raw_logprobs, is taken
-            # before any processor runs: it shows the unguarded model). See
-            # docs/RELIABILITY.md, "Channels".
-            logprobs_mode=LOGPROBS_MODE,
-            disable_log_stats=False,
-        )
-        if e.kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.args = engine_namespace(config)
+        engine_args = AsyncEngineArgs.from_cli_args(self.args)
+        self._llm = AsyncLLM.from_engine_args(engine_args)
         self.model_name = config.model_name
-        self.max_model_len = e.max_model_len
+        self.max_model_len = self._llm.model_config.max_model_len
         self.vocab_size = self._llm.model_config.get_vocab_size()
+        self._loras: dict[str, Any] = {}
+        """name -> LoRARequest: vLLM's frontend resolves `model` through this very dict."""
+
+    async def frontend(self) -> Any:
+        """vLLM's OpenAI app (`build_app` + `init_app_state`) around this engine."""
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+
+        tasks = await self._llm.get_supported_tasks()
+        app = build_app(self.args, tasks, self._llm.model_config)
+        await init_app_state(self._llm, app.state, self.args, tasks)
+        models = app.state.openai_serving_models
+        self._loras.update(models.lora_requests)
+        models.lora_requests = self._loras
+        return app
 
     def generate(self, prompt_ids: list[int], params: Any, request_id: str, *,
                  adapter: AdapterRef, cache_salt: str) -> AsyncIterator[Any]:
@@ -165,9 +159,12 @@ class VllmEngine:
     async def load_adapter(self, adapter: AdapterRef) -> None:
         from vllm.lora.request import LoRARequest
 
-        await self._llm.add_lora(LoRARequest(adapter.name, adapter.int_id, adapter.path))
+        lora = LoRARequest(adapter.name, adapter.int_id, adapter.path)
+        await self._llm.add_lora(lora)
+        self._loras[adapter.name] = lora  # routable only once loaded
 
     async def release_adapter(self, adapter: AdapterRef) -> None:
+        self._loras.pop(adapter.name, None)
         await self._llm.remove_lora(adapter.int_id)
 
     async def check_health(self) -> None:

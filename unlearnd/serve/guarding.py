@@ -34,6 +34,7 @@ class GuardResult:
     mention: str | None = None     # ... in these words (the user's own)
     internal_reason: str = ""      # for logs: may name the subject behind the question
     disclose: bool = True          # False: refusal_style "ignorant", no per-request detail
+    refusal_text: str | None = None  # in scope: the rendered refusal (its ids are in extra)
 
     @property
     def in_scope(self) -> bool:
@@ -109,11 +110,13 @@ class GuardPipeline:
         if d.in_scope:
             extra["unlearnd_in_scope"] = 1
             extra["unlearnd_item"] = int(d.item)
-            extra["unlearnd_refusal_ids"] = self.policy.encode(render_refusal(self.policy, d))
+            refusal = render_refusal(self.policy, d)
+            extra["unlearnd_refusal_ids"] = self.policy.encode(refusal)
         return GuardResult("in_scope" if d.in_scope else "out_of_scope", d.reason,
                            float(d.score), int(d.item), d.subject, extra,
                            time.perf_counter() - t0, named=d.named, mention=d.mention,
-                           internal_reason=d.internal_reason, disclose=disclose)
+                           internal_reason=d.internal_reason, disclose=disclose,
+                           refusal_text=refusal if d.in_scope else None)
 
     @property
     def top_logprobs_allowed(self) -> bool:

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from unlearnd.serve.protocol import APIError
+from unlearnd.serve.errors import APIError
 
 logger = logging.getLogger(__name__)
 
