@@ -86,6 +86,8 @@ NO_LEAK = {tenant: 0.0 for tenant in GUARDED}
     "multi_turn",
     "authority",
     "prefix_injection",
+    "responses_api",
+    "structured_output",
 ])
 def test_attack_guarded_tenants_leak_nothing(guard_server, attack_env, name):
     check(guard_server, attack_env, name, NO_LEAK)

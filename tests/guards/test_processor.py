@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.guards.test_policy import compile_world
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from tests.guards.test_policy import compile_world
 from unlearnd.guards.firewall import LeakFirewall
 from unlearnd.guards.policy import CompiledPolicy
 from unlearnd.guards.processor import GuardBatch, UnlearningLogitsProcessor
+from unlearnd.guards.signing import KEY_ENV, SIG_KEY, sign
 from unlearnd.kernels.contrastive import unlearning_logits_reference
 
 V = 700
 REFUSAL = [5, 6, 7]
+
+
+@pytest.fixture(autouse=True)
+def _no_signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unsigned arguments are trusted only without the edge's key in the environment
+    (the tests of signed arguments set one)."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +297,99 @@ def test_validate_params_accepts() -> None:
     UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args={
         "unlearnd_policy_dir": "/x", "unlearnd_in_scope": 1, "unlearnd_item": 0,
         "unlearnd_refusal_ids": [1, 2], "unlearnd_version": "a@b"}))
+
+
+# ---------------------------------------------------------------- signed arguments
+
+KEY = bytes(range(32))
+
+
+def test_validate_params_accepts_unsigned_without_a_key(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """No key in the environment (offline use, unit tests): arguments are trusted."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args={
+        "unlearnd_policy_dir": "/x", "unlearnd_in_scope": 0}))
+
+
+@pytest.mark.parametrize("extra", [
+    None,  # no arguments at all (e.g. beam search builds its own SamplingParams)
+    {},
+    {"unlearnd_policy_dir": "/x", "unlearnd_in_scope": 0},  # unsigned
+    {"other": 1},
+])
+def test_validate_params_refuses_unsigned_with_the_key(monkeypatch: pytest.MonkeyPatch,
+                                                       extra: dict | None) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY.hex())
+    with pytest.raises(ValueError, match="not covered by the tenant edge"):
+        UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
+
+
+def test_validate_params_refuses_forged_and_padded_with_the_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY.hex())
+    good = sign({"unlearnd_policy_dir": "/x", "unlearnd_in_scope": 0,
+                 "unlearnd_version": "a@b"}, KEY)
+    UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args=good))
+    flipped = good[SIG_KEY][:-1] + ("1" if good[SIG_KEY][-1] == "0" else "0")
+    for bad in ({**good, "unlearnd_in_scope": 1},           # a value changed
+                {**good, "other": 1},                       # a key added beside them
+                {**good, "unlearnd_item": 3},               # an unlearnd key added
+                sign(dict(good), b"x" * 32),                # signed with another key
+                {**good, SIG_KEY: flipped}):                # a forged signature
+        with pytest.raises(ValueError, match="not covered by the tenant edge"):
+            UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args=bad))
+    # signed but malformed: still refused, by the format check
+    with pytest.raises(ValueError, match="unlearnd_in_scope"):
+        UnlearningLogitsProcessor.validate_params(SamplingParams(extra_args=sign(
+            {"unlearnd_policy_dir": "/x", "unlearnd_in_scope": 2}, KEY)))
+
+
+def test_guard_batch_with_key_forces_eos_on_unsigned_rows(rf_dir: Path) -> None:
+    b = GuardBatch(default_eos=2, key=KEY)
+    signed = sign(extra(rf_dir, 1, 0, REFUSAL), KEY)
+    plain = sign({"unlearnd_version": "none"}, KEY)  # a tenant without a policy
+    rows = [
+        signed,                                                   # 0: served
+        extra(rf_dir, 1, 0, REFUSAL),                             # 1: unsigned
+        {**signed, "unlearnd_in_scope": 0},                       # 2: forged value
+        {**signed, "logit_bias_hint": 1},                         # 3: extra key
+        sign(extra(rf_dir, 1, 0, REFUSAL), b"z" * 32),            # 4: another key
+        None,                                                     # 5: no arguments
+        plain,                                                    # 6: signed, no policy
+        {**plain, "unlearnd_policy_dir": str(rf_dir)},            # 7: policy added
+    ]
+    b.update([], [(i, e, [1], []) for i, e in enumerate(rows)], [])
+    x = fresh(len(rows))
+    y = b.apply(x.clone())
+    assert refused_to(y[0], x[0], 5)  # the signed row gets its policy (forced refusal)
+    assert torch.equal(y[6], x[6])    # signed, unguarded: untouched
+    for r in (1, 2, 3, 4, 5, 7):
+        assert refused_to(y[r], x[r], 2), r  # EOS (the model's: no policy was loaded)
+    assert b.fail_closed == 6
+    assert all("signature" in b.rows[r].failed for r in (1, 2, 3, 4, 5, 7))
+
+
+def test_guard_batch_without_key_trusts_arguments(rf_dir: Path) -> None:
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, extra(rf_dir, 1, 0, REFUSAL), [], []), (1, None, [], [])], [])
+    x = fresh(2)
+    y = b.apply(x.clone())
+    assert refused_to(y[0], x[0], 5) and torch.equal(y[1], x[1])
+
+
+def test_v1_processor_takes_the_key_from_the_environment(
+        rf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(
+        eos_token_id=2)))
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert UnlearningLogitsProcessor(cfg, torch.device("cpu"), False).batch.key is None
+    monkeypatch.setenv(KEY_ENV, KEY.hex())
+    p = UnlearningLogitsProcessor(cfg, torch.device("cpu"), False)
+    assert p.batch.key == KEY
+    p.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
+        (0, SamplingParams(extra_args=sign(extra(rf_dir, 1, 0, REFUSAL), KEY)), [1], []),
+        (1, SamplingParams(), [1], [])]))
+    x = fresh(2)
+    y = p.apply(x.clone())
+    assert refused_to(y[0], x[0], 5) and refused_to(y[1], x[1], 2)

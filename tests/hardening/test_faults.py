@@ -283,18 +283,19 @@ def test_health_reports_unreadable_registry(tmp_path: Path) -> None:
 
 
 def test_engine_failure_mid_stream_in_band_counted_released(tmp_path: Path) -> None:
-    """Outcome: headers are sent, so the error goes in-band (an SSE `error` event with
-    type server_error, then [DONE]); it is counted as engine_error, the tenant's
-    in-flight gauge goes back to 0 and the next request is served normally."""
+    """Outcome: headers are sent, so the error goes in-band (vLLM's SSE `error` event,
+    passed on, then the `unlearning` chunk and [DONE]); it is counted as engine_error,
+    the tenant's in-flight gauge goes back to 0 and the next request is served
+    normally."""
     with running_app(make_config(tmp_path / "state")) as app:
         app.engine.fail_after = 2
         r = chat(app, "acme", stream=True)
         assert r.status_code == 200
         events = parse_sse(r.text)
         assert events[-1] == "[DONE]"
-        assert events[-2]["error"]["type"] == "server_error"
-        assert "EngineFailure" in events[-2]["error"]["message"]
-        assert sum(1 for e in events[:-2] if e["choices"] and e["choices"][0].get(
+        assert events[-2]["unlearning"]["tenant"] == "acme"
+        assert events[-3]["error"]["code"] == "500"  # vLLM's 500, its message replaced
+        assert sum(1 for e in events[:-3] if e["choices"] and e["choices"][0].get(
             "delta", {}).get("content")) == 2  # what was generated before the failure
         assert app.counter("acme", "chat", "engine_error") == 1
         assert app.counter("acme", "chat", "ok") == 0
@@ -308,9 +309,11 @@ def test_engine_failure_before_first_token_non_stream_is_500(tmp_path: Path) -> 
     with running_app(make_config(tmp_path / "state")) as app:
         app.engine.fail_after = 0
         r = chat(app, "acme")
-        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-        assert "fake engine failure" not in r.text  # internal detail stays in the log
+        assert r.status_code == 500 and set(r.json()["error"]) == {
+            "message", "type", "param", "code"}  # vLLM's error, passed on
+        assert r.headers["x-unlearnd-policy-version"] == "none"
         assert app.counter("acme", "chat", "engine_error") == 1
+        assert app.counter("acme", "chat", "aborted") == 0
         assert app.metrics.active_requests.labels("acme")._value.get() == 0
 
 

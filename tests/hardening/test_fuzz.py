@@ -1,8 +1,10 @@
 """Schema-driven fuzzing of the app with Schemathesis, through ASGI, over the FakeEngine.
 
-Cases come from the app's own OpenAPI schema (FastAPI `app.openapi()`): valid bodies
-(POSITIVE) and bodies that break the schema (NEGATIVE), for the OpenAI routes
-(chat, completions, models) and every admin route, each sent with a key drawn from
+Cases come from the app's own OpenAPI schema (`UnlearndApp.openapi()`: the operator
+app's routes plus the frontend's generating routes, here those the fake vLLM frontend
+documents, tests/serve/fake_frontend.py): valid bodies (POSITIVE) and bodies that break
+the schema (NEGATIVE), for the OpenAI routes (chat, completions, Responses, models)
+through the tenant edge, and every admin route, each sent with a key drawn from
 {none, wrong, tenant, admin}. Every response must be non-5xx, and where the schema
 declares the status it answered with, its body and content type must conform.
 
@@ -100,7 +102,8 @@ def _operations(schema) -> list:
 def test_schema_covers_the_routes_under_test(fuzz_app) -> None:
     schema, _ = fuzz_app
     labels = {f"{op.method.upper()} {op.path}" for op in _operations(schema)}
-    for needed in ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
+    for needed in ("POST /v1/chat/completions", "POST /v1/completions", "POST /v1/responses",
+                   "GET /v1/models",
                    "GET /admin/tenants", "POST /admin/tenants",
                    "POST /admin/tenants/{tenant}/versions",
                    "POST /admin/tenants/{tenant}/activate"):
@@ -120,9 +123,18 @@ def _plan(path: str) -> list[tuple[str, int]]:
 
 def _check_sse(text: str) -> None:
     """A stream is well formed: JSON events, then `[DONE]`; the last JSON event is either
-    the final one (carrying `unlearning`) or an in-band error."""
+    the final one (carrying `unlearning`) or an in-band error. A Responses stream (typed
+    events, no `[DONE]`) ends with `response.completed` carrying `unlearning`, or an
+    error event."""
     events = parse_sse(text)
-    assert events and events[-1] == "[DONE]", text[-300:]
+    assert events, text[-300:]
+    if isinstance(events[0], dict) and str(events[0].get("type", "")).startswith(
+            "response."):
+        last = events[-1]
+        assert last["type"] in ("response.completed", "response.failed", "error"), last
+        assert last["type"] == "error" or "unlearning" in last["response"], last
+        return
+    assert events[-1] == "[DONE]", text[-300:]
     last = events[-2]
     assert isinstance(last, dict) and ("unlearning" in last or "error" in last), last
 
@@ -153,6 +165,16 @@ def _runner(op, mode: GenerationMode, n: int, headers: dict[str, str],
             case.validate_response(response, checks=CHECKS)
 
     return run
+
+
+def _describe(e: BaseException) -> str:
+    """The exception, and each one inside an exception group (Hypothesis reports its
+    distinct failures as one)."""
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, BaseExceptionGroup):
+        text += "".join(f"\n  [{i}] " + _describe(x).replace("\n", "\n  ")
+                        for i, x in enumerate(e.exceptions))
+    return text
 
 
 def _fuzz(schema, engine: FakeEngine, mode: GenerationMode, only: set[str] | None = None,
@@ -186,7 +208,7 @@ def _fuzz(schema, engine: FakeEngine, mode: GenerationMode, only: set[str] | Non
             except Unsatisfiable:
                 pass  # NEGATIVE mode on an operation with nothing to break (no params/body)
             except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001 - report all at once
-                failures[f"{label} ({who} key)"] = f"{type(e).__name__}: {e}"[:3000]
+                failures[f"{label} ({who} key)"] = _describe(e)[:3000]
             finally:
                 TIMES[f"{mode} {label} {who}"] = time.perf_counter() - t0
     return seen, failures

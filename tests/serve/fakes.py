@@ -5,7 +5,9 @@ objects shaped like vLLM's `RequestOutput` (`.outputs`: `index`, `text`, `token_
 `logprobs`, `finish_reason`), token by token when `params.output_kind` is DELTA and
 once at the end when it is FINAL_ONLY. The text is a deterministic function of
 (adapter name, prompt ids, choice index), so a test can tell which adapter served a
-request without hard-coding any output (`FakeEngine.expected`).
+request without hard-coding any output (`FakeEngine.expected`). Its `frontend()` is
+the stand-in for vLLM's OpenAI app (tests/serve/fake_frontend.py) that the tenant edge
+forwards generating requests to; it records every body it got in `engine.requests`.
 
 `FakeGuards` stands in for `unlearnd.serve.guarding.GuardPipeline`; `fake_load_guards`
 replaces `unlearnd.serve.tenancy.load_guards` and builds one from a policy dir written
@@ -36,6 +38,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from unlearnd.serve.artifacts import POLICY_FORMAT
+from unlearnd.serve.edge import POLICY_HEADER  # noqa: F401 - re-exported for the tests
 from unlearnd.serve.engine import AdapterRef
 from unlearnd.serve.guarding import GuardResult
 from unlearnd.serve.metrics import UnlearndMetrics
@@ -139,7 +142,10 @@ class FakeEngine:
     `fail_exc` (default `EngineFailure`) after yielding that many outputs (0: before the
     first). `step_delay_s`: sleep between tokens. `paused`: while True, generation
     waits before each token (set it from any thread). `fail_load`: adapter names whose
-    `load_adapter` raises.
+    `load_adapter` raises. `dead_alternatives`: the top alternatives of every token have
+    logprob -inf (what a forced or banned row gives; vLLM prints them as -9999.0).
+    `adapters`: what is loaded (name -> AdapterRef), what the frontend resolves
+    `model` against.
     """
 
     def __init__(self, *, model_name: str = "tiny", max_model_len: int = 256,
@@ -160,6 +166,10 @@ class FakeEngine:
         self.paused = False
         self.healthy = True
         self.fail_load: set[str] = set()
+        self.dead_alternatives = False
+        self.adapters: dict[str, AdapterRef] = {}
+        self.requests: list[Any] = []
+        """FrontendRequest per request the fake frontend received (rewritten bodies)."""
         self.calls: list[GenerateCall] = []
         self.loaded: list[str] = []
         self.released: list[str] = []
@@ -189,7 +199,7 @@ class FakeEngine:
     # ------------------------------------------------------------ EngineClient
 
     def generate(self, prompt_ids: list[int], params: Any, request_id: str, *,
-                 adapter: AdapterRef, cache_salt: str) -> AsyncIterator[Any]:
+                 adapter: AdapterRef | None, cache_salt: str) -> AsyncIterator[Any]:
         self.calls.append(GenerateCall(list(prompt_ids), params, request_id, adapter,
                                        cache_salt))
         return self._generate(list(prompt_ids), params, request_id, adapter)
@@ -217,9 +227,10 @@ class FakeEngine:
                 last = step == n_tokens - 1
                 outs = []
                 for i in range(params.n):
-                    tok = self.token(adapter.name, prompt_ids, i, step)
+                    tok = self.token(adapter.name if adapter else "", prompt_ids, i, step)
                     lp = ({tok: FakeLogprob(-0.25, 1)} | {
-                        (tok + j) % self.vocab_size: FakeLogprob(-1.0 - j, 1 + j)
+                        (tok + j) % self.vocab_size: FakeLogprob(
+                            float("-inf") if self.dead_alternatives else -1.0 - j, 1 + j)
                         for j in range(1, k + 1)} if k is not None else None)
                     out = full[i]
                     out.text += self.piece(tok)
@@ -250,9 +261,17 @@ class FakeEngine:
         if adapter.name in self.fail_load:
             raise EngineFailure(f"cannot load adapter {adapter.name}")
         self.loaded.append(adapter.name)
+        self.adapters[adapter.name] = adapter
 
     async def release_adapter(self, adapter: AdapterRef) -> None:
         self.released.append(adapter.name)
+        self.adapters.pop(adapter.name, None)
+
+    async def frontend(self) -> Any:
+        """The fake vLLM OpenAI app over this engine (tests/serve/fake_frontend.py)."""
+        from tests.serve.fake_frontend import build_fake_frontend
+
+        return build_fake_frontend(self)
 
     async def check_health(self) -> None:
         if not self.healthy:
@@ -263,6 +282,10 @@ class FakeEngine:
 
 
 # ---------------------------------------------------------------- guards
+
+
+REFUSAL_TEXT = "I can't help with that: it falls under this service's unlearning policy."
+"""The rendered refusal of an in-scope FakeGuards decision (ids [5, 6, 7] in extra)."""
 
 
 class FakeGuards:
@@ -291,10 +314,13 @@ class FakeGuards:
         self.checked: list[list[dict]] = []
 
     def check(self, messages: list[dict], version: str, policy_dir: str) -> GuardResult:
+        from unlearnd.guards.scope import messages_text
+
         self.checked.append(messages)
         if self.fail_check:
             raise RuntimeError("scope guard exploded")
-        hit = any(self.trigger in m["content"] for m in messages)
+        # every text the real guard reads: str content, content parts, tool-call args
+        hit = any(self.trigger in t for t in messages_text(messages))
         extra = {"unlearnd_policy_dir": policy_dir, "unlearnd_version": version,
                  "unlearnd_in_scope": int(hit), "unlearnd_item": 0 if hit else -1}
         if hit:
@@ -306,7 +332,8 @@ class FakeGuards:
                            named=hit and self.named,
                            mention=self.trigger if hit and self.named else None,
                            internal_reason="describes Lord Voldemort" if hit else "",
-                           disclose=self.disclose)
+                           disclose=self.disclose,
+                           refusal_text=REFUSAL_TEXT if hit else None)
 
     def suppressions(self, prompt_ids: Any, output_ids: Any, item: int = -1) -> int:
         return self.suppressed
@@ -393,15 +420,92 @@ def running_app(config: Any, engine: FakeEngine | None = None) -> Iterator[Runni
 
 def parse_sse(text: str) -> list[Any]:
     """The `data:` payloads of an SSE body, JSON-decoded except the final "[DONE]"."""
+    return [data for _, data in sse_events(text)]
+
+
+def sse_events(text: str) -> list[tuple[str | None, Any]]:
+    """`(event name or None, data)` of each SSE event (data JSON-decoded but "[DONE]")."""
     events = []
     for block in text.split("\n\n"):
         block = block.strip()
         if not block:
             continue
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
+        name = None
+        lines = block.split("\n")
+        if lines[0].startswith("event: "):
+            name = lines.pop(0)[len("event: "):]
+        assert len(lines) == 1 and lines[0].startswith("data: "), block
+        payload = lines[0][len("data: "):]
+        events.append((name, payload if payload == "[DONE]" else json.loads(payload)))
     return events
+
+
+@dataclass
+class AsgiResult:
+    """What a hand-driven ASGI request got back."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    chunks: list[bytes]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def asgi_request(app: Any, method: str, path: str, *, body: Any = None,
+                       raw: bytes | None = None, headers: dict[str, str] | None = None,
+                       disconnect_after: int | None = None, spec_version: str = "2.3",
+                       on_chunk: Any = None) -> AsgiResult:
+    """Drive one request through the ASGI `app` by hand (in the running loop: call it
+    through `app.client.portal`). `disconnect_after`: the client goes away after that
+    many non-empty body chunks (its `receive` then answers `http.disconnect`).
+    `on_chunk(n, chunk)`: awaited after each non-empty body chunk."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                        else b"")
+    hs = [(b"host", b"testserver"), (b"content-type", b"application/json"),
+          (b"content-length", str(len(data)).encode())]
+    hs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
+             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+             "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": hs, "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+             "state": {}}
+    gone = asyncio.Event()
+    sent_body = False
+    out = AsgiResult(0, {}, b"", [])
+
+    async def receive() -> dict:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if gone.is_set():
+            raise OSError("client disconnected")
+        if message["type"] == "http.response.start":
+            out.status = message["status"]
+            out.headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            chunk = message.get("body", b"")
+            out.body += chunk
+            if chunk:
+                out.chunks.append(chunk)
+                if on_chunk is not None:
+                    await on_chunk(len(out.chunks), chunk)
+                if disconnect_after is not None and len(out.chunks) >= disconnect_after:
+                    gone.set()
+            if not message.get("more_body", False):
+                gone.set()
+
+    try:
+        await app(scope, receive, send)
+    except OSError:  # what a server's send raises for a closed connection
+        pass
+    return out
 
 
 def wait_until(pred: Any, timeout_s: float = 5.0) -> bool:
@@ -419,6 +523,7 @@ def wait_until(pred: Any, timeout_s: float = 5.0) -> bool:
 HELLO = [{"role": "user", "content": "Tell me about the fox."}]
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
+RESP = "/v1/responses"
 
 
 # Fixtures, registered for every test module by tests/conftest.py. `fake_guards` is not

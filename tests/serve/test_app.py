@@ -1,4 +1,11 @@
-"""The FastAPI app over a FakeEngine: OpenAI routes, errors, auth, streaming, admin API."""
+"""The app over a FakeEngine: the tenant edge in front of the (fake) vLLM frontend for
+chat, completions and Responses; errors, auth, streaming, metrics, admin API.
+
+The fake frontend (tests/serve/fake_frontend.py) does what vLLM's OpenAI app does with
+the body the edge rewrote; these tests check what the edge adds: the tenant's adapter
+and salt, the signed guard arguments, the ``unlearning`` block and policy header, the
+server's limits, fail-closed errors, leases and metrics.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +18,22 @@ from tests.serve.fakes import (
     CHAT,
     COMP,
     HELLO,
+    POLICY_HEADER,
+    RESP,
     FakeEngine,
+    asgi_request,
     base_vocab_size,
     fake_load_guards,
     make_config,
     make_policy_dir,
     parse_sse,
     running_app,
+    sse_events,
     tiny_tokenizer,
     tiny_world,
     wait_until,
 )
-from unlearnd.serve.serving import POLICY_HEADER
+from unlearnd.guards.signing import SIG_KEY, verify
 
 pytestmark = pytest.mark.usefixtures("fake_guards")
 
@@ -58,6 +69,10 @@ def assert_openai_error(r, status: int, *, param: str | None = "any", needle: st
     return err
 
 
+def active(app, tenant: str = "acme") -> float:
+    return app.state.metrics.active_requests.labels(tenant)._value.get()
+
+
 # ---------------------------------------------------------------- chat / completions
 
 
@@ -71,18 +86,30 @@ def test_chat_json_serves_tenant_adapter_and_reports_policy(app, tmp_path: Path)
     assert call.adapter.name == v["name"]  # the tenant's version, whatever `model` says
     assert call.cache_salt == app.state.registry.get_tenant("acme").cache_salt
     assert call.prompt_ids == chat_prompt(HELLO)
+    sent = app.engine.requests[-1].body  # what vLLM's frontend was given
+    assert sent["model"] == v["name"] and sent["cache_salt"] == call.cache_salt
+    assert "authorization" not in app.engine.requests[-1].headers  # the tenant key stays
     body = r.json()
     assert body["object"] == "chat.completion"
+    assert body["model"] == app.config.model_name  # the served name, not the adapter's
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": app.engine.expected(
-        v["name"], call.prompt_ids)}
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == app.engine.expected(v["name"], call.prompt_ids)
     assert choice["finish_reason"] == "stop"
+    # no token ids unless the client asks (the edge asks for them only under a firewall,
+    # and strips them again): vLLM's own null fields at most
+    assert choice.get("token_ids") is None and body.get("prompt_token_ids") is None
     assert body["usage"]["prompt_tokens"] == len(call.prompt_ids)
     assert body["usage"]["completion_tokens"] == app.engine.reply_tokens
+    assert body["system_fingerprint"] == v["name"]
     info = body["unlearning"]
     assert info["tenant"] == "acme" and info["policy_version"] == v["name"]
     assert info["mechanisms"] == ["adapter"] and info["decision"] == "unguarded"
     assert app.counter("acme", "chat", "ok") == 1
+    assert app.metrics.prompt_tokens.labels("acme")._value.get() == len(call.prompt_ids)
+    assert app.metrics.generation_tokens.labels("acme")._value.get() == \
+        app.engine.reply_tokens
+    assert active(app) == 0
 
 
 def test_tenants_get_different_adapters_and_salts(app) -> None:
@@ -101,8 +128,10 @@ def test_no_policy_uses_identity_adapter_and_header_none(app) -> None:
     r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
     assert r.status_code == 200
     assert r.headers[POLICY_HEADER] == "none"
-    assert app.engine.calls[-1].adapter.name == "__identity__"
+    assert app.engine.calls[-1].adapter.name == "__identity__"  # never the bare base
     assert r.json()["unlearning"]["policy_version"] is None
+    extra = app.engine.calls[-1].params.extra_args  # signed even without a policy
+    assert extra["unlearnd_version"] == "none" and verify(extra, app.state.sign_key)
 
 
 def test_request_fields_reach_sampling_params(app) -> None:
@@ -112,6 +141,11 @@ def test_request_fields_reach_sampling_params(app) -> None:
         "logit_bias": {"11": 5}, "logprobs": True, "top_logprobs": 2},
         headers=app.auth("acme"))
     assert r.status_code == 200, r.text
+    sent = app.engine.requests[-1].body  # the edge passes the client's fields on as sent
+    for k, v in (("max_tokens", 50), ("max_completion_tokens", 3), ("n", 2), ("seed", 7),
+                 ("stop", ["zz"]), ("temperature", 0.5), ("logit_bias", {"11": 5}),
+                 ("top_logprobs", 2)):
+        assert sent[k] == v, k
     p = app.engine.calls[-1].params
     assert (p.max_tokens, p.n, p.seed, p.stop, p.logprobs) == (3, 2, 7, ["zz"], 2)
     assert p.logit_bias == {11: 5.0}
@@ -126,10 +160,22 @@ def test_request_fields_reach_sampling_params(app) -> None:
 
 
 def test_default_max_tokens_is_room_left_capped_by_limit(app) -> None:
+    """No max_tokens: the server limit still applies (vLLM's own default would be all
+    the room the context leaves)."""
     app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
     prompt_len = len(app.engine.calls[-1].prompt_ids)
     expected = min(app.engine.max_model_len - prompt_len, app.config.limits.max_tokens)
     assert app.engine.calls[-1].params.max_tokens == expected
+    for body in ({"messages": HELLO, "max_tokens": None},
+                 {"messages": HELLO, "max_completion_tokens": None}):
+        app.client.post(CHAT, json=body, headers=app.auth("acme"))
+        assert app.engine.calls[-1].params.max_tokens == expected, body
+    app.client.post(RESP, json={"input": "hi"}, headers=app.auth("acme"))
+    assert app.engine.calls[-1].params.max_tokens == app.config.limits.max_tokens
+    app.client.post(COMP, json={"prompt": "hi", "max_tokens": None}, headers=app.auth("acme"))
+    assert app.engine.calls[-1].params.max_tokens == app.config.limits.max_tokens
+    app.client.post(COMP, json={"prompt": "hi"}, headers=app.auth("acme"))
+    assert app.engine.calls[-1].params.max_tokens == 16  # OpenAI's completions default
 
 
 def test_completions_json_and_token_prompt(app) -> None:
@@ -139,16 +185,106 @@ def test_completions_json_and_token_prompt(app) -> None:
     body = r.json()
     assert body["object"] == "text_completion"
     call = app.engine.calls[-1]
-    assert call.prompt_ids == tiny_tokenizer().encode("The fox", add_special_tokens=False)
+    assert call.prompt_ids == tiny_tokenizer().encode("The fox")
     assert body["choices"][0]["text"] == app.engine.expected("__identity__", call.prompt_ids,
                                                              max_tokens=4)
     assert len(body["choices"][0]["logprobs"]["tokens"]) == 4
+    assert body["choices"][0].get("token_ids") is None
+    assert body["choices"][0].get("prompt_token_ids") is None
     r = app.client.post(COMP, json={"prompt": [5, 6, 7]}, headers=app.auth("globex"))
     assert r.status_code == 200 and app.engine.calls[-1].prompt_ids == [5, 6, 7]
     assert app.engine.calls[-1].params.max_tokens == 16
-    assert_openai_error(app.client.post(COMP, json={"prompt": [5, 99999]},
-                                        headers=app.auth("globex")),
-                        400, param="prompt", needle="99999")
+    assert r.json()["unlearning"]["tenant"] == "globex"
+
+
+def test_client_asking_for_token_ids_and_usage_gets_them(app) -> None:
+    """What the edge adds for its own accounting is stripped; what the client asked
+    for stays."""
+    r = app.client.post(CHAT, json={"messages": HELLO, "return_token_ids": True},
+                        headers=app.auth("acme"))
+    body = r.json()
+    call = app.engine.calls[-1]
+    assert body["prompt_token_ids"] == call.prompt_ids
+    assert len(body["choices"][0]["token_ids"]) == app.engine.reply_tokens
+    r = app.client.post(CHAT, json={"messages": HELLO, "stream": True,
+                                    "return_token_ids": True,
+                                    "stream_options": {"include_usage": True}},
+                        headers=app.auth("acme"))
+    events = parse_sse(r.text)[:-1]
+    assert events[0]["prompt_token_ids"] == app.engine.calls[-1].prompt_ids
+    assert sum(len(e["choices"][0].get("token_ids") or []) for e in events
+               if e["choices"]) == app.engine.reply_tokens
+    usage = [e for e in events if e.get("usage")]
+    assert len(usage) == 1 and usage[0]["usage"]["completion_tokens"] == \
+        app.engine.reply_tokens
+
+
+def test_dead_alternatives_are_dropped(app) -> None:
+    """Alternatives at -inf (vLLM prints -9999.0) were never possible under the policy:
+    they are not listed, in JSON or in a stream, for chat or completions."""
+    app.engine.dead_alternatives = True
+    r = app.client.post(CHAT, json={"messages": HELLO, "logprobs": True, "top_logprobs": 3},
+                        headers=app.auth("acme"))
+    assert "-9999" not in r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(c["logprob"] == pytest.approx(-0.25) for c in content)
+    # only the sampled token is left of the 3 alternatives vLLM listed
+    assert all([t["token"] for t in c["top_logprobs"]] == [c["token"]] for c in content)
+    r = app.client.post(COMP, json={"prompt": "hi", "logprobs": 2, "stream": True},
+                        headers=app.auth("acme"))
+    assert "-9999" not in r.text
+    lps = [e["choices"][0]["logprobs"] for e in parse_sse(r.text)[:-1] if e["choices"]]
+    assert lps and all(lp["top_logprobs"] == [{lp["tokens"][0]: -0.25}] for lp in lps)
+
+
+def test_unknown_model_from_the_frontend_is_passed_through(app) -> None:
+    """The edge sends the version's adapter; if the engine no longer has it, vLLM's 404
+    reaches the client as it is (counted, the lease released)."""
+    app.engine.adapters.pop("__identity__")
+    r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
+    err = assert_openai_error(r, 404, param="model")
+    assert "__identity__" in err["message"]
+    assert r.headers[POLICY_HEADER] == "none"
+    assert app.counter("acme", "chat", "client_error") == 1
+    assert app.counter("acme", "chat", "ok") == 0
+    assert active(app) == 0
+
+
+# ---------------------------------------------------------------- Responses API
+
+
+def test_responses_json_and_stream(app) -> None:
+    v = register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pr"))
+    body = {"input": [{"role": "user", "content": "Who is Voldemort?"}],
+            "instructions": "Be brief.", "max_output_tokens": 3}
+    r = app.client.post(RESP, json=body, headers=app.auth("acme"))
+    assert r.status_code == 200, r.text
+    assert r.headers[POLICY_HEADER] == v["name"]
+    out = r.json()
+    assert out["object"] == "response" and out["status"] == "completed"
+    assert out["model"] == app.config.model_name
+    assert out["unlearning"]["decision"] == "in_scope"
+    assert out["output"][0]["content"][0]["text"] == app.engine.expected(
+        "__identity__", app.engine.calls[-1].prompt_ids, max_tokens=3)
+    sent = app.engine.requests[-1].body
+    assert sent["store"] is False and "return_token_ids" not in sent
+    assert verify(sent["vllm_xargs"], app.state.sign_key)
+    assert sent["vllm_xargs"]["unlearnd_in_scope"] == 1
+    assert app.counter("acme", "responses", "ok") == 1
+    assert app.metrics.prompt_tokens.labels("acme")._value.get() == out["usage"]["input_tokens"]
+    r = app.client.post(RESP, json={**body, "stream": True}, headers=app.auth("acme"))
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    names = [n for n, _ in events]
+    assert names[0] == "response.created" and names[-1] == "response.completed"
+    assert all(n == d["type"] for n, d in events)
+    final = events[-1][1]["response"]
+    assert final["unlearning"]["policy_version"] == v["name"]
+    assert final["model"] == app.config.model_name
+    text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert text == out["output"][0]["content"][0]["text"]
+    assert app.counter("acme", "responses", "ok") == 2
+    assert active(app) == 0
 
 
 # ---------------------------------------------------------------- streaming
@@ -173,13 +309,16 @@ def test_chat_stream_chunks_final_unlearning_and_done(app) -> None:
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == "stop"
     last = chunks[-1]
-    assert last["choices"] == []
+    assert last["choices"] == [] and "usage" not in last
     assert last["unlearning"]["policy_version"] == v["name"]
     assert last["unlearning"]["decision"] == "out_of_scope"
-    assert last["usage"]["completion_tokens"] == app.engine.reply_tokens
-    assert all(c["system_fingerprint"] == v["name"] for c in chunks)
+    assert chunks[-2]["usage"]["completion_tokens"] == app.engine.reply_tokens  # asked for
+    assert all(c["model"] == app.config.model_name for c in chunks)
+    assert not any("token_ids" in json.dumps(c) for c in chunks)  # the edge's, stripped
     assert app.counter("acme", "chat", "ok") == 1
-    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+    assert app.metrics.generation_tokens.labels("acme")._value.get() == \
+        app.engine.reply_tokens
+    assert active(app) == 0
 
 
 def test_chat_stream_n2_with_logprobs(app) -> None:
@@ -198,6 +337,8 @@ def test_chat_stream_n2_with_logprobs(app) -> None:
         lps = [c["logprobs"]["content"][0] for c in mine[1:]]
         assert len(lps) == 3 and all(len(lp["top_logprobs"]) == 1 for lp in lps)
     assert events[-1]["unlearning"]["tenant"] == "acme"
+    assert not any(e.get("usage") for e in events)  # the edge's include_usage, stripped
+    assert app.metrics.generation_tokens.labels("acme")._value.get() == 6
 
 
 def test_completion_stream(app) -> None:
@@ -209,6 +350,7 @@ def test_completion_stream(app) -> None:
     assert "".join(texts) == app.engine.expected("__identity__", app.engine.calls[-1].prompt_ids,
                                                  max_tokens=2)
     assert "unlearning" in events[-2] and "usage" not in events[-2]
+    assert not any(e.get("usage") for e in events[:-1])
 
 
 def test_engine_failure_mid_stream_is_in_band(app) -> None:
@@ -218,23 +360,26 @@ def test_engine_failure_mid_stream_is_in_band(app) -> None:
     assert r.status_code == 200  # headers were sent before the failure
     events = parse_sse(r.text)
     assert events[-1] == "[DONE]"
-    err = events[-2]["error"]
-    assert err["type"] == "server_error" and "EngineFailure" in err["message"]
-    contents = [e for e in events[:-2] if e.get("choices") and
+    assert events[-2]["unlearning"]["tenant"] == "acme"
+    err = events[-3]["error"]  # vLLM's in-band error event, passed through
+    # the engine's internals stay in the server log, not in the response
+    assert "fake engine failure" not in err["message"]
+    assert err["message"].startswith("the engine failed") and err["type"] == "server_error"
+    contents = [e for e in events[:-3] if e.get("choices") and
                 e["choices"][0]["delta"].get("content")]
     assert len(contents) == 2
     assert app.counter("acme", "chat", "engine_error") == 1
     assert app.counter("acme", "chat", "ok") == 0
-    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+    assert active(app) == 0
 
 
 def test_engine_failure_non_stream_is_500(app) -> None:
     app.engine.fail_after = 0
     r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
-    err = assert_openai_error(r, 500, needle="EngineFailure")
-    assert err["type"] == "server_error"
-    assert app.counter("acme", "chat", "engine_error") >= 1
-    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+    assert_openai_error(r, 500)
+    assert r.headers[POLICY_HEADER] == "none"
+    assert app.counter("acme", "chat", "engine_error") == 1
+    assert active(app) == 0
 
 
 def test_engine_validation_error_non_stream_is_400(app) -> None:
@@ -253,6 +398,28 @@ def test_non_stream_engine_errors_counted_once(app, exc: type, outcome: str) -> 
     app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
     count = app.counter("acme", "chat", outcome)
     expect(count == 1, f"{outcome} counted {count} times for one request")
+    for other in {"ok", "aborted", "engine_error", "client_error"} - {outcome}:
+        assert app.counter("acme", "chat", other) == 0, other
+
+
+def test_aborted_stream_aborts_engine_request_and_releases(app) -> None:
+    """The client goes away mid-stream: the engine request is aborted, the request is
+    counted aborted, its lease and concurrency slot are released."""
+    app.engine.step_delay_s = 0.01
+
+    async def go():
+        return await asgi_request(app.client.app, "POST", CHAT, body={
+            "messages": HELLO, "stream": True}, headers=app.auth("acme"),
+            disconnect_after=2)
+
+    res = app.client.portal.call(go)
+    assert res.status == 200 and b"[DONE]" not in res.body
+    assert wait_until(lambda: app.engine.aborted == [app.engine.calls[-1].request_id])
+    assert app.engine.calls[-1].request_id not in app.engine.finished
+    assert app.counter("acme", "chat", "aborted") == 1
+    assert app.counter("acme", "chat", "ok") == 0
+    assert active(app) == 0
+    assert app.state.limiter.in_flight("acme") == 0
 
 
 # ---------------------------------------------------------------- guards
@@ -275,10 +442,15 @@ def test_in_scope_request_reports_decision_and_sends_extra_args(app) -> None:
     extra = app.engine.calls[-1].params.extra_args
     assert extra["unlearnd_in_scope"] == 1 and extra["unlearnd_version"] == v["name"]
     assert extra["unlearnd_policy_dir"].startswith(str(app.config.state_dir.resolve()))
+    assert extra["unlearnd_refusal_ids"] == [5, 6, 7]
+    assert isinstance(extra[SIG_KEY], str) and verify(extra, app.state.sign_key)
     assert app.state.metrics.refusals.labels("acme")._value.get() == 1
+    assert app.state.metrics.suppressed_tokens.labels("acme")._value.get() == 2
     r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
     assert r.json()["unlearning"]["decision"] == "out_of_scope"
     assert app.engine.calls[-1].params.extra_args["unlearnd_in_scope"] == 0
+    assert app.state.metrics.scope_decisions.labels("acme", "in_scope")._value.get() == 1
+    assert app.state.metrics.scope_decisions.labels("acme", "out_of_scope")._value.get() == 1
 
 
 def test_unnamed_subject_and_withheld_decisions_stay_out_of_the_response(app) -> None:
@@ -312,23 +484,99 @@ def test_policy_can_withhold_top_alternatives(app) -> None:
     r = app.client.post("/v1/completions", json={"prompt": "hi", "logprobs": 3},
                         headers=app.auth("acme"))
     assert assert_openai_error(r, 400)["param"] == "logprobs"
+    r = app.client.post(RESP, json={"input": "hi", "top_logprobs": 1},
+                        headers=app.auth("acme"))
+    assert assert_openai_error(r, 400)["param"] == "top_logprobs"
     assert len(app.engine.calls) == n_calls
     r = app.client.post(CHAT, json={"messages": HELLO, "logprobs": True},
                         headers=app.auth("acme"))  # the sampled token's own logprob: fine
     assert r.status_code == 200
+    assert active(app) == 0
 
 
 def test_guard_failure_fails_closed(app) -> None:
     register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pf",
                                                  fail_check=True))
     n_calls = len(app.engine.calls)
-    r = app.client.post(CHAT, json={"messages": HELLO}, headers=app.auth("acme"))
-    err = assert_openai_error(r, 503)
-    assert err["code"] == "guard_failed"
+    for path, body in ((CHAT, {"messages": HELLO}), (COMP, {"prompt": "hi"}),
+                       (RESP, {"input": "hi"})):
+        r = app.client.post(path, json=body, headers=app.auth("acme"))
+        err = assert_openai_error(r, 503)
+        assert err["code"] == "guard_failed"
     assert len(app.engine.calls) == n_calls  # never reached the engine
+    assert not app.engine.requests  # nor the frontend
     assert app.counter("acme", "chat", "guard_error") == 1
-    assert app.state.metrics.guard_failures.labels("acme")._value.get() == 1
-    assert app.state.metrics.active_requests.labels("acme")._value.get() == 0
+    assert app.counter("acme", "responses", "guard_error") == 1
+    assert app.state.metrics.guard_failures.labels("acme")._value.get() == 3
+    assert active(app) == 0
+
+
+def test_guard_reads_every_input_form(app) -> None:
+    """Tool messages, tool-call arguments, content parts, tool definitions, completion
+    token prompts and Responses items all reach the scope guard."""
+    register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pe"))
+    tok = tiny_tokenizer()
+    cases = [
+        (CHAT, {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Who is"}, {"type": "text", "text": "Voldemort?"}]}]}),
+        (CHAT, {"messages": [{"role": "user", "content": "look it up"},
+                             {"role": "assistant", "content": None, "tool_calls": [
+                                 {"id": "c1", "type": "function", "function": {
+                                     "name": "search", "arguments":
+                                     json.dumps({"q": "Voldemort"})}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "none"}]}),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"},
+                             {"role": "tool", "content": "Voldemort lives here"}]}),
+        (COMP, {"prompt": tok.encode("Who is Voldemort?", add_special_tokens=False)}),
+        (COMP, {"prompt": ["hello", "Voldemort"]}),
+        (RESP, {"input": "hi", "instructions": "Talk about Voldemort."}),
+        (RESP, {"input": [{"type": "function_call_output", "call_id": "c",
+                           "output": "Voldemort"}]}),
+    ]
+    for path, body in cases:
+        r = app.client.post(path, json=body, headers=app.auth("acme"))
+        assert r.status_code == 200, (body, r.text)
+        assert r.json()["unlearning"]["decision"] == "in_scope", body
+        assert app.engine.calls[-1].params.extra_args["unlearnd_in_scope"] == 1, body
+
+
+def test_in_scope_tools_get_the_refusal_shape_without_the_engine(app) -> None:
+    """Tools or structured output in scope: OpenAI's refusal shape from the edge, never
+    the engine (schema-valid JSON carrying the fact is never produced)."""
+    from openai.types.chat import ChatCompletion
+
+    from tests.serve.fakes import REFUSAL_TEXT
+
+    v = register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pt"))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {}}}}]
+    secret = [{"role": "user", "content": "Who is Voldemort?"}]
+    n = len(app.engine.calls)
+    r = app.client.post(CHAT, json={"messages": secret, "tools": tools},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200 and r.headers[POLICY_HEADER] == v["name"]
+    body = r.json()
+    msg = ChatCompletion.model_validate(body).choices[0].message
+    assert msg.content is None and msg.refusal == REFUSAL_TEXT
+    assert body["unlearning"]["decision"] == "in_scope"
+    assert body["usage"]["completion_tokens"] == 3  # the refusal's ids
+    # the prompt as the template renders it (with the tool definitions), not 2 (the
+    # keys of a BatchEncoding)
+    assert body["usage"]["prompt_tokens"] > len(chat_prompt(secret))
+    r = app.client.post(CHAT, json={"messages": secret, "response_format": {
+        "type": "json_object"}, "stream": True}, headers=app.auth("acme"))
+    events = parse_sse(r.text)
+    assert "".join(e["choices"][0]["delta"].get("refusal") or "" for e in events[:-1]
+                   if e["choices"]) == REFUSAL_TEXT
+    assert events[-2]["unlearning"]["decision"] == "in_scope" and events[-1] == "[DONE]"
+    assert len(app.engine.calls) == n and not app.engine.requests
+    assert app.counter("acme", "chat", "ok") == 2
+    assert app.state.metrics.refusals.labels("acme")._value.get() == 2
+    # out of scope, tools go to the engine
+    r = app.client.post(CHAT, json={"messages": HELLO, "tools": tools},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200 and len(app.engine.calls) == n + 1
+    assert active(app) == 0
 
 
 # ---------------------------------------------------------------- request errors
@@ -338,26 +586,31 @@ def test_malformed_json(app) -> None:
     r = app.client.post(CHAT, content=b'{"messages": [', headers={
         **app.auth("acme"), "content-type": "application/json"})
     assert_openai_error(r, 400, param=None, needle="not valid JSON")
+    assert app.counter("acme", "chat", "client_error") == 1
+    r = app.client.post(CHAT, content=b'[1, 2]', headers={
+        **app.auth("acme"), "content-type": "application/json"})
+    assert_openai_error(r, 400, needle="JSON object")
+    assert not app.engine.requests
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
-    ({"messages": HELLO, "n": "two"}, "n"),
-    ({"messages": "hello"}, "messages"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    ({"messages": HELLO, "temperature": 3}, "temperature"),
-    ({}, "messages")])
-def test_wrong_types_name_the_param(app, body: dict, param: str) -> None:
-    err = assert_openai_error(app.client.post(CHAT, json=body, headers=app.auth("acme")), 400)
-    assert err["param"].startswith(param) and err["type"] == "invalid_request_error"
-
-
-def test_empty_messages_and_unknown_role(app) -> None:
-    assert_openai_error(app.client.post(CHAT, json={"messages": []}, headers=app.auth("acme")),
-                        400, param="messages", needle="at least one message")
-    err = assert_openai_error(app.client.post(CHAT, json={"messages": [
-        {"role": "wizard", "content": "x"}]}, headers=app.auth("acme")), 400)
-    assert err["param"] == "messages.0.role"
+@pytest.mark.parametrize("path,body", [
+    (CHAT, {"messages": HELLO, "temperature": "hot"}), (CHAT, {"messages": HELLO, "n": "two"}),
+    (CHAT, {"messages": "hello"}), (CHAT, {"messages": 5}), (CHAT, {"messages": True}),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}),
+    (CHAT, {"messages": HELLO, "max_tokens": "many"}), (CHAT, {}),
+    (COMP, {"prompt": 5}), (COMP, {"prompt": [[1], "x", 3]}), (COMP, {}),
+    (COMP, {"prompt": [-1]}), (COMP, {"prompt": [2**40]}), (COMP, {"prompt": [[1], [-5]]}),
+    (RESP, {"input": 5}), (RESP, {"input": True}), (RESP, {"input": {"role": "user"}}),
+    (RESP, {"input": 7.5}), (RESP, {})])
+def test_wrong_types_are_4xx_never_5xx(app, path: str, body: dict) -> None:
+    """Type checks are vLLM's (its pydantic models); the edge must pass such bodies
+    on without failing itself, also for a guarded tenant (never a 503 guard failure)."""
+    register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pw"))
+    r = app.client.post(path, json=body, headers=app.auth("acme"))
+    assert 400 <= r.status_code < 500, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert app.state.metrics.guard_failures.labels("acme")._value.get() == 0
+    assert active(app) == 0
 
 
 def test_too_many_messages(app) -> None:
@@ -365,6 +618,9 @@ def test_too_many_messages(app) -> None:
     assert_openai_error(app.client.post(CHAT, json={"messages": msgs}, headers=app.auth("acme")),
                         400, param="messages", needle="limit is 4")
     assert app.counter("acme", "chat", "client_error") == 1
+    assert_openai_error(app.client.post(RESP, json={"input": msgs}, headers=app.auth("acme")),
+                        400, param="input", needle="limit is 4")
+    assert not app.engine.requests
 
 
 def test_body_too_large_is_413(app) -> None:
@@ -390,36 +646,36 @@ def test_n_over_limit(app) -> None:
     assert_openai_error(app.client.post(CHAT, json={"messages": HELLO, "n": 4},
                                         headers=app.auth("acme")), 400, param="n",
                         needle="limit 3")
+    assert_openai_error(app.client.post(COMP, json={"prompt": "x", "n": 4},
+                                        headers=app.auth("acme")), 400, param="n")
 
 
-def test_logit_bias_out_of_vocab(app) -> None:
-    bad = app.engine.vocab_size + 5
-    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO,
-                                                    "logit_bias": {str(bad): 1}},
-                                        headers=app.auth("acme")), 400, needle=str(bad))
+def test_max_tokens_over_limits(app) -> None:
+    for path, name, body in ((CHAT, "max_tokens", {"messages": HELLO}),
+                             (CHAT, "max_completion_tokens", {"messages": HELLO}),
+                             (COMP, "max_tokens", {"prompt": "x"}),
+                             (RESP, "max_output_tokens", {"input": "x"})):
+        assert_openai_error(app.client.post(path, json={**body, name: 65},
+                                            headers=app.auth("acme")), 400, param=name,
+                            needle="server limit 64")
+    assert not app.engine.requests
+    r = app.client.post(CHAT, json={"messages": HELLO, "max_tokens": 64},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200
 
 
-def test_prompt_longer_than_context(app) -> None:
+def test_frontend_errors_are_passed_through_counted_and_released(app) -> None:
+    """A request vLLM refuses (here a prompt over the context): its error reaches the
+    client unchanged, with the policy header; counted client_error; lease released."""
     app.engine.max_model_len = 32
     long = [{"role": "user", "content": "the quick brown fox " * 20}]
     err = assert_openai_error(app.client.post(CHAT, json={"messages": long},
                                               headers=app.auth("acme")), 400)
-    assert f"context length is {app.engine.max_model_len}" in err["message"]
-    assert str(len(chat_prompt(long))) in err["message"]
+    assert "maximum context length" in err["message"]
     assert not app.engine.calls
-
-
-def test_max_tokens_over_limits(app) -> None:
-    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO, "max_tokens": 65},
-                                        headers=app.auth("acme")), 400, param="max_tokens",
-                        needle="server limit 64")
-    app.engine.max_model_len = len(chat_prompt(HELLO)) + 10
-    assert_openai_error(app.client.post(CHAT, json={"messages": HELLO, "max_tokens": 11},
-                                        headers=app.auth("acme")), 400, param="max_tokens",
-                        needle="exceeds the context length")
-    r = app.client.post(CHAT, json={"messages": HELLO, "max_tokens": 10},
-                        headers=app.auth("acme"))
-    assert r.status_code == 200
+    assert app.counter("acme", "chat", "client_error") == 1
+    assert app.counter("acme", "chat", "aborted") == 0
+    assert active(app) == 0 and app.state.limiter.in_flight("acme") == 0
 
 
 # ---------------------------------------------------------------- auth

@@ -23,8 +23,8 @@ from tests.serve.fakes import (
 from unlearnd.serve.app import apply_config_tenants, build_app
 from unlearnd.serve.artifacts import BaseModelSpec
 from unlearnd.serve.config import EngineConfig, ServerConfig, TenantConfig
+from unlearnd.serve.edge import POLICY_HEADER
 from unlearnd.serve.registry import SQLiteRegistry
-from unlearnd.serve.serving import POLICY_HEADER
 
 HELLO = {"messages": [{"role": "user", "content": "hello"}]}
 

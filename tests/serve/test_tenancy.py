@@ -1,17 +1,30 @@
-"""Hot swaps and draining in TenantRouter, and request snapshots across a swap (Serving)."""
+"""Hot swaps and draining in TenantRouter, and request snapshots across a swap (through
+the app: the tenant edge holds a lease on the version a request started with)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
-from tests.serve.fakes import FakeEngine, fake_load_guards, fresh_metrics, make_policy_dir
+from tests.serve.fakes import (
+    CHAT,
+    HELLO,
+    KEYS,
+    POLICY_HEADER,
+    FakeEngine,
+    asgi_request,
+    fake_load_guards,
+    fresh_metrics,
+    make_policy_dir,
+    parse_sse,
+    tiny_world,
+    wait_until,
+)
 from unlearnd.serve.engine import IDENTITY_LORA_NAME
-from unlearnd.serve.protocol import ChatCompletionRequest
 from unlearnd.serve.registry import PolicyVersion, Tenant
-from unlearnd.serve.serving import Serving
 from unlearnd.serve.tenancy import TenantRouter
 
 ACME = Tenant("acme", "salt-acme", 0.0)
@@ -282,135 +295,129 @@ def test_sync_records_propagation_of_changes_made_elsewhere() -> None:
     asyncio.run(run())
 
 
-# ---------------------------------------------------------------- Serving across a swap
+# ---------------------------------------------------------------- requests across a swap
 
 
-def _serving(router: TenantRouter, engine: FakeEngine) -> Serving:
-    from tests.serve.fakes import tiny_tokenizer
-
-    return Serving(engine, router, tiny_tokenizer(), router.metrics, max_tokens_limit=64,
-                   max_messages=8, max_n=4)
-
-
-async def _never() -> bool:
-    return False
+def _register(app, tenant: str, adapter: Path, *, activate: bool) -> str:
+    r = app.client.post(f"/admin/tenants/{tenant}/versions", json={
+        "adapter": str(adapter), "activate": activate}, headers=app.admin)
+    assert r.status_code == 201, r.text
+    return r.json()["name"]
 
 
-def test_stream_holds_its_snapshot_across_a_swap() -> None:
-    async def run() -> None:
-        router, engine, _ = make_router()
-        serving = _serving(router, engine)
-        await router.install(ACME, version("acme@aaa", 1))
-        req = ChatCompletionRequest.model_validate(
-            {"messages": [{"role": "user", "content": "hi"}], "stream": True})
-        stream, sp = await serving.chat(req, ACME, _never)
-        assert sp.version == "acme@aaa"
-        chunks = [await stream.__anext__(), await stream.__anext__()]  # role + first token
-        assert len(chunks) == 2
-        await router.install(ACME, version("acme@bbb", 2))
-        await settle()
-        assert engine.released == []  # the stream still holds acme@aaa
-        rest = [c async for c in stream]
-        assert rest[-1] == "data: [DONE]\n\n"
-        assert '"policy_version":"acme@aaa"' in rest[-2]
-        assert engine.calls[0].adapter.name == "acme@aaa"
-        await settle()
-        assert engine.released == ["acme@aaa"]
-        _, sp2 = await serving.chat(req.model_copy(update={"stream": False}), ACME, _never)
-        assert sp2.version == "acme@bbb" and engine.calls[-1].adapter.name == "acme@bbb"
-
-    asyncio.run(run())
+def _two_versions(app) -> tuple[str, str]:
+    v1 = _register(app, "acme", tiny_world()["a1"], activate=True)
+    v2 = _register(app, "acme", tiny_world()["a2"], activate=False)
+    return v1, v2
 
 
-def test_non_stream_request_holds_snapshot_while_engine_runs() -> None:
-    async def run() -> None:
-        router, engine, _ = make_router()
-        serving = _serving(router, engine)
-        await router.install(ACME, version("acme@aaa", 1))
-        engine.paused = True
-        req = ChatCompletionRequest.model_validate(
-            {"messages": [{"role": "user", "content": "hi"}]})
-        task = asyncio.create_task(serving.chat(req, ACME, _never))
-        await asyncio.sleep(0.02)
-        await router.install(ACME, version("acme@bbb", 2))
-        await asyncio.sleep(0.02)
-        assert engine.released == [] and not task.done()
-        engine.paused = False
-        body, sp = await task
-        assert body["unlearning"]["policy_version"] == "acme@aaa"
-        await settle()
-        assert engine.released == ["acme@aaa"]
-
-    asyncio.run(run())
+def _active(app) -> float:
+    return app.metrics.active_requests.labels("acme")._value.get()
 
 
-def test_abandoned_stream_releases_lease_and_closes_engine_request() -> None:
-    async def run() -> None:
-        router, engine, _ = make_router()
-        serving = _serving(router, engine)
-        await router.install(ACME, version("acme@aaa", 1))
-        req = ChatCompletionRequest.model_validate(
-            {"messages": [{"role": "user", "content": "hi"}], "stream": True})
-        stream, _ = await serving.chat(req, ACME, _never)
-        await stream.__anext__()
-        await stream.__anext__()
-        await stream.aclose()  # client went away
-        assert engine.closed == [engine.calls[0].request_id]
-        assert router.metrics.active_requests.labels("acme")._value.get() == 0
-        await router.install(ACME, version("acme@bbb", 2))
-        await settle()
-        assert engine.released == ["acme@aaa"]
+@pytest.mark.usefixtures("fake_guards")
+@pytest.mark.parametrize("stream", [True, False])
+def test_request_holds_its_snapshot_across_a_swap(app, stream: bool) -> None:
+    """A swap while a request runs: the request finishes on its version (adapter,
+    header, `unlearning`), which is released only after it; the next one gets the new."""
+    v1, v2 = _two_versions(app)
+    acme, adm = app.auth("acme"), app.admin
 
-    asyncio.run(run())
+    async def scenario() -> tuple:
+        app.engine.paused = True
+        task = asyncio.create_task(asgi_request(
+            app.client.app, "POST", CHAT, body={"messages": HELLO, "stream": stream},
+            headers=acme))
+        for _ in range(500):
+            if app.engine.calls:
+                break
+            await asyncio.sleep(0.01)
+        swap = await asgi_request(app.client.app, "POST", "/admin/tenants/acme/activate",
+                                  body={"version": v2}, headers=adm)
+        await asyncio.sleep(0.05)
+        held = (list(app.engine.released), _active(app), task.done())
+        app.engine.paused = False
+        first = await task
+        after = await asgi_request(app.client.app, "POST", CHAT,
+                                   body={"messages": HELLO}, headers=acme)
+        return swap, held, first, after
+
+    swap, held, first, after = app.client.portal.call(scenario)
+    assert swap.status == 200, swap.body
+    assert held == ([], 1, False)  # v1 still leased by the running request
+    assert first.status == 200 and first.headers[POLICY_HEADER] == v1
+    if stream:
+        events = parse_sse(first.body.decode())
+        assert events[-1] == "[DONE]"
+        assert events[-2]["unlearning"]["policy_version"] == v1
+    else:
+        assert first.json()["unlearning"]["policy_version"] == v1
+    assert app.engine.calls[0].adapter.name == v1
+    assert after.headers[POLICY_HEADER] == v2 and app.engine.calls[-1].adapter.name == v2
+    assert wait_until(lambda: app.engine.released == [v1])
+    assert _active(app) == 0
 
 
-def test_disconnect_aborts_engine_request() -> None:
-    async def run() -> None:
-        router, engine, _ = make_router()
-        serving = _serving(router, engine)
+@pytest.mark.usefixtures("fake_guards")
+def test_abandoned_stream_releases_lease_and_aborts_engine_request(app) -> None:
+    """The client goes away mid-stream: the engine request is aborted and closed, the
+    lease is released at once (a swap then frees the old adapter without waiting for the
+    drain timeout), the request is counted aborted."""
+    v1, v2 = _two_versions(app)
+    app.engine.step_delay_s = 0.01  # the client leaves while tokens are still coming
 
-        async def connected() -> bool:
-            return False
+    async def go():
+        return await asgi_request(app.client.app, "POST", CHAT, body={
+            "messages": HELLO, "stream": True}, headers=app.auth("acme"),
+            disconnect_after=2)
 
-        req = ChatCompletionRequest.model_validate(
-            {"messages": [{"role": "user", "content": "hi"}], "stream": True})
-        stream, _ = await serving.chat(req, ACME, connected)
-        # A client that goes away: Starlette stops iterating and closes the generator.
-        chunks = [await stream.__anext__(), await stream.__anext__()]
-        await stream.aclose()
-        assert "[DONE]" not in "".join(chunks)
-        assert engine.aborted == [engine.calls[0].request_id]
-        assert router.metrics.requests.labels("acme", "chat", "aborted")._value.get() == 1
-        assert router.metrics.active_requests.labels("acme")._value.get() == 0
+    res = app.client.portal.call(go)
+    assert res.status == 200 and b"[DONE]" not in res.body
+    rid = app.engine.calls[0].request_id
+    assert wait_until(lambda: app.engine.aborted == [rid] and rid in app.engine.closed)
+    assert rid not in app.engine.finished
+    assert _active(app) == 0
+    assert app.metrics.requests.labels("acme", "chat", "aborted")._value.get() == 1
+    assert app.metrics.requests.labels("acme", "chat", "ok")._value.get() == 0
+    r = app.client.post("/admin/tenants/acme/activate", json={"version": v2},
+                        headers=app.admin)
+    assert r.status_code == 200
+    assert wait_until(lambda: app.engine.released == [v1], 1.0)  # not the 5 s drain
 
-    asyncio.run(run())
 
+@pytest.mark.usefixtures("fake_guards")
+def test_stream_closed_before_its_first_chunk_releases_everything(app) -> None:
+    """The connection is gone before the response starts (send raises at once)."""
+    _two_versions(app)
 
-def test_leased_stream_closed_before_or_after_its_first_chunk() -> None:
-    """Closed unstarted: `abandon` runs once (the generator's own clean-up never would).
-    Closed after a chunk: the generator's finally runs instead, and `abandon` does not."""
-    from unlearnd.serve.serving import LeasedStream
+    async def go():
+        scope_app = app.client.app
+        data = json.dumps({"messages": HELLO, "stream": True}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+                 "http_version": "1.1", "method": "POST", "scheme": "http", "path": CHAT,
+                 "raw_path": CHAT.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"),
+                             (b"content-length", str(len(data)).encode()),
+                             (b"authorization", f"Bearer {KEYS['acme']}".encode())],
+                 "client": ("127.0.0.1", 1), "server": ("testserver", 80), "state": {}}
+        sent = []
 
-    events: list[str] = []
+        async def receive() -> dict:
+            if not sent:
+                sent.append(1)
+                return {"type": "http.request", "body": data, "more_body": False}
+            return {"type": "http.disconnect"}
 
-    async def chunks():
+        async def send(message: dict) -> None:
+            raise OSError("client disconnected")
+
         try:
-            yield "a"
-            yield "b"
-        finally:
-            events.append("generator cleaned up")
+            await scope_app(scope, receive, send)
+        except Exception:  # noqa: BLE001 - ClientDisconnect / OSError propagate
+            pass
 
-    async def run() -> None:
-        unstarted = LeasedStream(chunks(), lambda: events.append("abandoned"))
-        await unstarted.aclose()
-        await unstarted.aclose()
-        assert events == ["abandoned"]
-        assert [c async for c in unstarted] == []  # closed: yields nothing
-        events.clear()
-        started = LeasedStream(chunks(), lambda: events.append("abandoned"))
-        assert await started.__anext__() == "a"
-        await started.aclose()
-        await started.aclose()
-        assert events == ["generator cleaned up"]
-
-    asyncio.run(run())
+    app.client.portal.call(go)
+    assert _active(app) == 0 and app.state.limiter.in_flight("acme") == 0
+    assert app.metrics.requests.labels("acme", "chat", "aborted")._value.get() == 1
+    assert app.client.post(CHAT, json={"messages": HELLO},
+                           headers=app.auth("acme")).status_code == 200

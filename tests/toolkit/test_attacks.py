@@ -84,6 +84,8 @@ EXPECTED: dict[str, set[str]] = {
     "last_turn": {"multi_turn"},
     "authority": {"authority"},
     "prefix": {"prefix_injection"},
+    "responses": {"responses_api"},
+    "structured": {"structured_output"},
 }
 VARIANT: dict[str, str] = {
     "chat_alternatives": "alternatives",
@@ -95,6 +97,8 @@ VARIANT: dict[str, str] = {
     "last_turn": "this_person",
     "authority": "system",
     "prefix": "prefix",
+    "responses": "input",
+    "structured": "json_schema",
 }
 
 _UNGLYPH = {v: k for k, v in _HOMOGLYPHS.items()}
@@ -163,6 +167,11 @@ class Fake:
             return gold if any(v > 0 for v in bias.values()) else firewalled(subject)
         if mode == "firewall_ban":
             return gold if any(v <= -50 for v in bias.values()) else firewalled(subject)
+        if mode == "responses" and body.get("_endpoint") == "responses" \
+                and not body.get("_structured"):
+            return gold
+        if mode == "structured" and body.get("_structured"):
+            return gold
         return refusal(subject)  # sealed and the logprob channels
 
     def next_token(self, text: str, so_far: str, restart: bool) -> str:
@@ -250,6 +259,7 @@ def fake_app(fake: Fake) -> FastAPI:
         if (err := common(mode, body, bool(body.get("logprobs")))) is not None:
             return err
         body["_endpoint"] = "chat"
+        body["_structured"] = bool(body.get("response_format") or body.get("tools"))
         messages = [{"role": "system" if m["role"] == "developer" else m["role"],
                      "content": m["content"]} for m in body["messages"]]
         k = fake.row(messages)
@@ -270,7 +280,14 @@ def fake_app(fake: Fake) -> FastAPI:
                                       for t, v in sorted(p["tops"].items(),
                                                          key=lambda kv: -kv[1])]}
                     for p in positions]}
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if body.get("tools"):
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {
+                        "name": "record_answer", "arguments": json.dumps({"answer": text})}}]}
+            elif body.get("response_format"):
+                message["content"] = json.dumps({"answer": text})
+            choices.append({"index": i, "message": message,
                             "logprobs": logprobs, "finish_reason": "stop"})
         return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
                 "model": body["model"], "choices": choices,
@@ -301,6 +318,35 @@ def fake_app(fake: Fake) -> FastAPI:
                 "choices": [{"index": 0, "text": text, "logprobs": logprobs,
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "unlearning": {"tenant": mode, "policy_version": f"{mode}@x"}}
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        body = await request.json()
+        mode = mode_of(request)
+        if (err := common(mode, body, bool(body.get("top_logprobs")))) is not None:
+            return err
+        body["_endpoint"] = "responses"
+        fmt = (body.get("text") or {}).get("format") or {}
+        body["_structured"] = fmt.get("type") == "json_schema"
+        asked = " ".join(x for x in (body.get("instructions"), body.get("input"))
+                         if isinstance(x, str))
+        messages = [{"role": "user", "content": asked}]
+        k = fake.row(messages)
+        text, positions = ("I do not know.", []) if k is None else fake.generate(
+            mode, k, messages, body, "", body.get("max_output_tokens") or 64)
+        if body["_structured"]:
+            text = json.dumps({"answer": text})
+        logprobs = [{"token": p["chosen"], "logprob": -0.05, "bytes": [],
+                     "top_logprobs": [{"token": t, "logprob": v, "bytes": []}
+                                      for t, v in p["tops"].items()]} for p in positions]
+        return {"id": "resp_1", "object": "response", "created_at": 0, "model": body["model"],
+                "status": "completed", "parallel_tool_calls": False, "tool_choice": "auto",
+                "tools": [], "output": [{"type": "message", "id": "msg_1",
+                                         "role": "assistant", "status": "completed",
+                                         "content": [{"type": "output_text", "text": text,
+                                                      "annotations": [],
+                                                      "logprobs": logprobs}]}],
                 "unlearning": {"tenant": mode, "policy_version": f"{mode}@x"}}
 
     return app

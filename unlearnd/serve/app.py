@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unlearnd.guards.signing import ensure_key
 from unlearnd.serve import admin, edge
@@ -177,6 +178,14 @@ def build_app(config: ServerConfig,
             msg = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
         return JSONResponse(error_body(msg, param=param), status_code=400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own 404/405 (unknown admin route, wrong method) in the OpenAI shape."""
+        types = {404: "not_found_error", 405: "invalid_request_error"}
+        return JSONResponse(error_body(str(exc.detail), types.get(exc.status_code,
+                                                                  "invalid_request_error")),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(RegistryError)
     @app.exception_handler(ArtifactError)
     async def _registry_error(request: Request, exc: Any) -> JSONResponse:
@@ -292,6 +301,21 @@ def build_app(config: ServerConfig,
     return UnlearndApp(app)
 
 
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]},
+        "code": {"type": ["string", "integer", "null"]}}}}}
+_ERROR_RESPONSES = {str(code): {"description": why, "content": {
+    "application/json": {"schema": _ERROR_SCHEMA}}} for code, why in (
+    (400, "A field the server refuses or cannot accept (named in `param`)."),
+    (401, "Missing or invalid API key."), (404, "Unknown model or route."),
+    (413, "Body over the size limit."), (422, "An output constraint that cannot be met."),
+    (429, "Tenant rate or concurrency limit (Retry-After)."),
+    (500, "The engine failed."), (503, "The tenant's policy or guard is unavailable."))}
+"""The error responses of the generating routes: the OpenAI error shape, whoever answers
+(the edge's codes are strings or null, vLLM's are the status)."""
+
 OPS_PATHS = {"/health", "/metrics", "/v1/models", "/docs", "/openapi.json",
              "/docs/oauth2-redirect"}
 """Operator-app paths (besides ``/admin/...``); everything else but edge.GENERATE is 404."""
@@ -316,7 +340,10 @@ class UnlearndApp:
             other = fe.openapi()
             for path in edge.GENERATE:
                 if path in other.get("paths", {}):
-                    spec["paths"][path] = {"post": other["paths"][path]["post"]}
+                    op = dict(other["paths"][path]["post"])
+                    op["responses"] = {**{k: v for k, v in op.get("responses", {}).items()
+                                          if k.startswith("2")}, **_ERROR_RESPONSES}
+                    spec["paths"][path] = {"post": op}
             spec.setdefault("components", {}).setdefault("schemas", {}).update(
                 other.get("components", {}).get("schemas", {}))
         return spec
@@ -413,7 +440,11 @@ class _Generation:
             if e.status != 499:
                 await edge.send_json(send, e.status, e.body(), getattr(e, "headers", None))
             return
-        sp = st.router.acquire(self.tenant)
+        try:
+            sp = st.router.acquire(self.tenant)
+        except BaseException:
+            release()
+            raise
         try:
             await self._serve(sp, body, scope, receive, send)
         finally:
@@ -449,6 +480,8 @@ class _Generation:
                 try:
                     conv = edge.conversation(kind, body, st.tokenizer.decode)
                     guard = sp.guards.check(conv, sp.version, sp.policy_dir)
+                except APIError:  # the request's own fault (edge.conversation): a 4xx
+                    raise
                 except Exception as e:  # noqa: BLE001 - fail closed
                     logger.exception("scope guard failed for tenant %s", tenant.name)
                     st.metrics.guard_failures.labels(tenant.name).inc()
@@ -487,7 +520,8 @@ class _Generation:
         extra = dict(guard.extra_args) if guard else {"unlearnd_version": version}
         new, strip_usage, strip_ids = edge.rewrite_body(
             kind, body, adapter=sp.adapter.name, extra=extra, key=st.sign_key,
-            cache_salt=sp.cache_salt)
+            cache_salt=sp.cache_salt, max_tokens=st.config.limits.max_tokens,
+            want_ids="firewall" in sp.mechanisms)
         data = json.dumps(new).encode()
         sent = False
 
@@ -499,12 +533,13 @@ class _Generation:
             return await outer_receive()
 
         headers = [(k, v) for k, v in scope.get("headers", [])
-                   if k.lower() not in (b"content-length", b"authorization")]
+                   if k.lower() not in edge.STRIPPED_HEADERS]
         headers.append((b"content-length", str(len(data)).encode()))
         inner = {**scope, "headers": headers}
         tap = edge.ResponseTap(send, kind=kind, model_name=st.config.model_name,
                                version=version, unlearning=info, strip_usage=strip_usage,
-                               strip_ids=strip_ids)
+                               strip_ids=strip_ids, structured=edge.is_structured(kind, body),
+                               logprobs=edge.wants_logprobs(kind, body))
         try:
             await st.frontend(inner, receive, tap)
         except BaseException:
@@ -525,7 +560,7 @@ class _Generation:
             msgs = [{"role": m.get("role") or "user", "content": edge._parts_text(
                 m.get("content"))} for m in conv]
             return len(tok.apply_chat_template(msgs, add_generation_prompt=True,
-                                               tokenize=True))
+                                               tokenize=True, return_dict=False))
         except Exception:  # noqa: BLE001 - a template that refuses these roles
             return sum(len(tok.encode(edge._parts_text(m.get("content")),
                                       add_special_tokens=False)) for m in conv)

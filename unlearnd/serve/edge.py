@@ -5,7 +5,7 @@ outputs, every sampling parameter); this layer adds what it lacks, per request:
 
 1. **Deny by default.** Only the routes in :data:`GENERATE` (tenant key) and the
    operator routes of the unlearnd app (health, metrics, models, admin, docs) are
-   reachable; every other path vLLM registers answers 404 (``tests/serve/test_edge.py``
+   reachable; every other path vLLM registers answers 404 (``tests/serve/test_routes.py``
    enumerates them: a vLLM upgrade that adds a route fails until someone decides).
 2. **Key -> tenant -> the tenant's active policy version** (401/403/503 as before),
    the tenant's rate and concurrency limits (429), a lease on the version so a swap
@@ -92,8 +92,12 @@ as OpenAI clients send defaults)."""
 
 _PROMPT_OK = {"completions"}  # ``prompt`` is the prompt there; a stored prompt elsewhere
 
+STRIPPED_HEADERS = (b"x-request-id", b"content-length", b"authorization")
+"""Dropped before vLLM sees the request: request ids are the server's (vLLM would use a
+client's ``X-Request-Id`` as the engine request id; proxies such as Envoy add one to
+every request, so refusing it would fail them all)."""
+
 REFUSED_HEADERS = {
-    "x-request-id": "request ids are the server's",
     "x-data-parallel-rank": "routing to an engine rank is the operator's",
     "x-vllm-priority": "scheduling priority is the operator's",
     "x-session-id": "sessions are not supported",
@@ -105,6 +109,16 @@ STRUCTURED = ("tools", "response_format", "structured_outputs", "tool_choice", "
 
 _NEG = -9999.0  # how vLLM prints -inf logprobs
 
+CONSTRAINT_FAILED = {"error": {
+    "message": "the requested output constraint (response_format, structured_outputs or "
+               "tools) could not be completed: its grammar failed to compile, or every "
+               "token it allows next is withheld by this tenant's unlearning policy",
+    "type": "invalid_request_error", "param": None, "code": "constraint_unsatisfiable"}}
+"""What a structured request gets instead of vLLM's 500 when its grammar fails: with
+guards on, a grammar whose only continuations are banned makes the engine's forced
+EOS a token the grammar rejects (vLLM then ends the request with an error). Both causes
+are the request's constraint, so a 4xx (422), never a 500, and never the banned text."""
+
 
 class EdgeError(APIError):
     """An APIError raised by the edge itself (OpenAI error body)."""
@@ -114,9 +128,51 @@ def _is_set(v: Any) -> bool:
     return v not in (None, False, 0, "", [], {})
 
 
+_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 64 - 1
+
+
+def _out_of_range(body: Any) -> str | None:
+    """The path of the first integer no engine field can hold (vLLM's own validation
+    misses some: ``top_k: 2**64`` failed serialisation inside the engine client)."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if not _INT_MIN <= v <= _INT_MAX:
+                return path or "body"
+        elif isinstance(v, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}" if path else str(i), x) for i, x in enumerate(v))
+    return None
+
+
+def _responses_items(body: dict[str, Any]) -> None:
+    """vLLM 0.32 reads ``content[0].text`` of an assistant message item (a 500 on an
+    empty or refusal-only content list): refuse those with a 400 instead."""
+    items = body.get("input")
+    if not isinstance(items, list):
+        return
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or it.get("role") != "assistant":
+            continue
+        if it.get("type") not in (None, "message"):
+            continue
+        c = it.get("content")
+        if isinstance(c, list) and not (c and isinstance(c[0], dict)
+                                        and isinstance(c[0].get("text"), str)):
+            raise EdgeError(400, f"input.{i}.content: an assistant message item needs "
+                            "output_text content (a text part first)",
+                            param=f"input.{i}.content")
+
+
 def check_fields(kind: str, body: dict[str, Any], *, max_messages: int, max_n: int,
                  max_tokens: int) -> None:
     """400 for a field that bypasses the policy, or a value past the server's limits."""
+    if kind == "responses":
+        _responses_items(body)
     for name, why in REFUSED.items():
         if name == "prompt" and kind in _PROMPT_OK:
             continue
@@ -138,6 +194,8 @@ def check_fields(kind: str, body: dict[str, Any], *, max_messages: int, max_n: i
         if isinstance(v, int) and not isinstance(v, bool) and v > max_tokens:
             raise EdgeError(400, f"{name} {v} exceeds the server limit {max_tokens}",
                             param=name)
+    if (where := _out_of_range(body)) is not None:
+        raise EdgeError(400, f"{where}: integer outside the 64-bit range", param=where)
 
 
 def wants_alternatives(kind: str, body: dict[str, Any]) -> str | None:
@@ -148,6 +206,13 @@ def wants_alternatives(kind: str, body: dict[str, Any]) -> str | None:
     v = body.get("top_logprobs")
     return "top_logprobs" if isinstance(v, int) and not isinstance(v, bool) and v > 0 \
         else None
+
+
+def wants_logprobs(kind: str, body: dict[str, Any]) -> bool:
+    """Whether the response can carry logprobs (then alternatives are scrubbed)."""
+    if kind == "responses":
+        return _is_set(body.get("top_logprobs")) or _is_set(body.get("include"))
+    return body.get("logprobs") not in (None, False)
 
 
 def is_structured(kind: str, body: dict[str, Any]) -> bool:
@@ -196,22 +261,31 @@ def conversation(kind: str, body: dict[str, Any], decode: Callable[[list[int]], 
                  ) -> list[dict]:
     """Every text the model will read, as chat messages for the scope guard."""
     if kind == "chat":
-        msgs = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        msgs = body.get("messages")
+        msgs = [m for m in msgs if isinstance(m, dict)] if isinstance(msgs, list) else []
         return [{**m, "role": "system" if m.get("role") == "developer" else m.get("role")}
                 for m in msgs] + _definitions(body)
     if kind == "completions":
         p = body.get("prompt")
         texts: list[str] = []
+
+        def ids(x: list[int]) -> str:  # ids no tokenizer has: a 400, as in vLLM
+            try:
+                return decode(x)
+            except (OverflowError, ValueError, TypeError) as e:
+                raise EdgeError(400, f"prompt holds ids that are not token ids ({e})",
+                                param="prompt") from e
+
         if isinstance(p, str):
             texts = [p]
         elif isinstance(p, list) and p and all(isinstance(t, int) for t in p):
-            texts = [decode(p)]
+            texts = [ids(p)]
         elif isinstance(p, list):
             for x in p:
                 if isinstance(x, str):
                     texts.append(x)
                 elif isinstance(x, list) and all(isinstance(t, int) for t in x):
-                    texts.append(decode(x))
+                    texts.append(ids(x))
         return [{"role": "user", "content": t} for t in texts] + _definitions(body)
     out: list[dict] = []
     if isinstance(body.get("instructions"), str):
@@ -219,7 +293,7 @@ def conversation(kind: str, body: dict[str, Any], decode: Callable[[list[int]], 
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
-    for it in items or []:
+    for it in items if isinstance(items, list) else []:
         if not isinstance(it, dict):
             continue
         t = it.get("type")
@@ -239,6 +313,19 @@ def conversation(kind: str, body: dict[str, Any], decode: Callable[[list[int]], 
 
 
 # ---------------------------------------------------------------- response rewriting
+
+
+def engine_failed(status: int, body: Any) -> dict[str, Any]:
+    """A 5xx from vLLM with its message replaced: vLLM puts ``str(exc)`` of engine
+    internals there (the server log keeps it); the client gets the class of failure."""
+    err = body.get("error") if isinstance(body, dict) else None
+    kind = err.get("type") if isinstance(err, dict) and isinstance(err.get("type"), str) \
+        else "InternalServerError"
+    logger.warning("engine failure answered %d (%s): %s", status, kind,
+                   str(err.get("message") if isinstance(err, dict) else body)[:500])
+    return error_body(f"the engine failed to serve this request ({kind}); it was not "
+                      "served", "server_error" if status != 503 else "service_unavailable",
+                      code=str(status))
 
 
 def _dead(lp: Any) -> bool:
@@ -312,8 +399,11 @@ class ResponseTap:
     ids, errors) as the response passes."""
 
     def __init__(self, send: Send, *, kind: str, model_name: str, version: str,
-                 unlearning: dict[str, Any], strip_usage: bool, strip_ids: bool) -> None:
+                 unlearning: dict[str, Any], strip_usage: bool, strip_ids: bool,
+                 structured: bool = False, logprobs: bool = True) -> None:
         self._send = send
+        self.structured = structured
+        self.logprobs = logprobs  # False: no alternatives to drop (skip the walk)
         self.kind = kind
         self.model_name = model_name
         self.version = version
@@ -339,8 +429,8 @@ class ResponseTap:
             headers = [(k, v) for k, v in message.get("headers", [])]
             ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
             self.sse = ctype.startswith(b"text/event-stream")
-            self.rewrite = self.status == 200 and (self.sse or ctype.startswith(
-                b"application/json"))
+            self.rewrite = (self.status == 200 and (self.sse or ctype.startswith(
+                b"application/json"))) or (self.status >= 500 and not self.sse)
             if self.rewrite:
                 headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
             headers.append((POLICY_HEADER.encode(), self.version.encode()))
@@ -353,6 +443,7 @@ class ResponseTap:
             return
         if not self.rewrite:
             await self._send(message)
+            self.finished = self.finished or not message.get("more_body", False)
             return
         more = message.get("more_body", False)
         chunk = message.get("body", b"")
@@ -375,12 +466,19 @@ class ResponseTap:
             body = json.loads(data)
         except ValueError:
             body = None
-        if isinstance(body, dict):
+        if self.status == 500 and self.structured:  # the grammar failed (CONSTRAINT_FAILED)
+            self.status = 422
+            data = json.dumps(CONSTRAINT_FAILED).encode()
+            self._start = {**self._start, "status": 422}
+        elif self.status >= 500:
+            data = json.dumps(engine_failed(self.status, body)).encode()
+        elif isinstance(body, dict):
             self._record(body, final=True)
             scrub(body, self.model_name)
             body["unlearning"] = self.unlearning
             if self.kind != "responses":
-                body.setdefault("system_fingerprint", self.version)
+                if body.get("system_fingerprint") is None:  # vLLM writes null
+                    body["system_fingerprint"] = self.version
             data = json.dumps(body).encode()
         self.first_token_t = self.first_token_t or time.perf_counter()
         start = {**self._start, "headers": [*self._start["headers"],
@@ -424,6 +522,13 @@ class ResponseTap:
             return raw + b"\n\n"
         if "error" in obj and "choices" not in obj:
             self.stream_error = True
+            err = obj.get("error")
+            code = err.get("code") if isinstance(err, dict) else None
+            if isinstance(code, int) and code >= 500:
+                out = CONSTRAINT_FAILED if self.structured and code == 500 \
+                    else engine_failed(code, obj)
+                return sse({**out, **({"type": "error"} if self.kind == "responses"
+                                      else {})}, name)
         if self.kind == "responses":
             etype = obj.get("type", name)
             if etype in ("response.output_text.delta", "response.function_call_arguments"
@@ -448,7 +553,10 @@ class ResponseTap:
             return b""
         if self.strip_usage:
             obj.pop("usage", None)
-        scrub(obj, self.model_name)
+        if self.logprobs:
+            scrub(obj, self.model_name)
+        elif "model" in obj:
+            obj["model"] = self.model_name
         return sse(obj, name)
 
     # ------------------------------------------------------------ accounting
@@ -573,17 +681,28 @@ def refusal_response(kind: str, body: dict[str, Any], text: str, model_name: str
     return bytes(out), "text/event-stream"
 
 
+_MAX_TOKENS = {"chat": ("max_completion_tokens", "max_tokens"),
+               "completions": ("max_tokens",), "responses": ("max_output_tokens",)}
+
+
 def rewrite_body(kind: str, body: dict[str, Any], *, adapter: str, extra: dict[str, Any],
-                 key: bytes, cache_salt: str) -> tuple[dict[str, Any], bool, bool]:
+                 key: bytes, cache_salt: str, max_tokens: int | None = None,
+                 want_ids: bool = True) -> tuple[dict[str, Any], bool, bool]:
     """The body vLLM sees, and whether usage / token ids were added for accounting
-    (then stripped from the response)."""
+    (then stripped from the response). ``max_tokens``: the server's limit, set when the
+    client gave none (vLLM's default is all the room the context leaves). ``want_ids``:
+    ask for the token ids (only the firewall's suppression metric replays them)."""
     out = dict(body)
     out["model"] = adapter
     out["vllm_xargs"] = sign(extra, key)
     out["cache_salt"] = cache_salt
+    names = _MAX_TOKENS.get(kind, ())
+    if max_tokens is not None and names and all(out.get(n) is None for n in names):
+        default = kind == "completions" and "max_tokens" not in body  # OpenAI's 16
+        out[names[-1]] = min(16, max_tokens) if default else max_tokens
     strip_usage = strip_ids = False
     if kind != "responses":
-        if not out.get("return_token_ids"):
+        if want_ids and not out.get("return_token_ids"):
             out["return_token_ids"] = True
             strip_ids = True
         if out.get("stream"):

@@ -103,6 +103,42 @@ def make_identity_adapter(base_dir: Path, out_dir: Path) -> Path:
     return final
 
 
+class _ExitOnEngineDeath:
+    """Stands in for the uvicorn ``Server`` vLLM's launcher puts in ``app.state.server``:
+    vLLM's error handler sets ``should_exit`` when the engine is dead; we then stop this
+    process the way an operator would (SIGTERM: uvicorn shuts down gracefully), so a
+    supervisor restarts it instead of a server that fails every request."""
+
+    @property
+    def should_exit(self) -> bool:
+        return False
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            import signal
+
+            logger.error("the vLLM engine is dead: stopping the server")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def pin_v1_model_runner() -> None:
+    """Serve with vLLM's V1 model runner (the engine process inherits the setting).
+
+    Model Runner V2 (vLLM's GPU default since 0.25) has another logits-processor
+    interface (``vllm/v1/worker/gpu/sample/logits_processor``: per-request state keyed
+    by rows that are not requests) and rejects V1 processors. unlearnd's processor is
+    V1 only, so a V2 start would fail; the pin keeps GPU serving on V1. CPU builds use
+    V1 anyway (V2 needs Triton). ``tests/serve/test_model_runner.py`` fails the day vLLM
+    stops honouring the pin or drops the V1 interface. Overriding it
+    (``VLLM_USE_V2_MODEL_RUNNER=1``) is refused.
+    """
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False", ""):
+        raise ValueError("VLLM_USE_V2_MODEL_RUNNER=1 is not supported: unlearnd's logits "
+                         "processor runs on the V1 model runner only")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
 class VllmEngine:
     """vLLM AsyncLLM in this process (its engine core runs in a child process), and
     vLLM's own OpenAI app around it (`frontend`).
@@ -120,9 +156,7 @@ class VllmEngine:
 
         from unlearnd.serve.vllm_args import engine_namespace
 
-        # Model Runner V2 (GPU default in vLLM >= 0.25) has a different logits-processor
-        # interface; we pin V1 until the processor has a V2 adapter.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        pin_v1_model_runner()
         self.args = engine_namespace(config)
         engine_args = AsyncEngineArgs.from_cli_args(self.args)
         self._llm = AsyncLLM.from_engine_args(engine_args)
@@ -140,6 +174,7 @@ class VllmEngine:
         tasks = await self._llm.get_supported_tasks()
         app = build_app(self.args, tasks, self._llm.model_config)
         await init_app_state(self._llm, app.state, self.args, tasks)
+        app.state.server = _ExitOnEngineDeath()  # vLLM's engine-error handler reads it
         models = app.state.openai_serving_models
         self._loras.update(models.lora_requests)
         models.lora_requests = self._loras

@@ -46,6 +46,10 @@ FORBIDDEN: dict[str, str] = {
     "return_tokens_as_token_ids": "not supported under a policy",
     "headless": "the tenant edge runs in this process: an engine without it is unguarded",
     "enable_log_outputs": "generated text would go to the logs unfiltered by tenant",
+    "watermark": "watermarking forces Model Runner V2, which rejects unlearnd's (V1) "
+                 "logits processor",
+    "watermark_config": "watermarking forces Model Runner V2, which rejects unlearnd's (V1) "
+                        "logits processor",
 }
 """Namespace attribute -> why it is refused when set."""
 
@@ -98,6 +102,10 @@ def engine_namespace(config: ServerConfig, env: dict[str, str] | None = None) ->
                                     *user])
     except SystemExit as e:  # argparse already printed the reason
         raise FlagError(f"vLLM flags not understood: {' '.join(user)}") from e
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and str(tag) != str(config.model):
+        raise FlagError(f"unexpected positional argument {tag!r}: the model is "
+                        f"{config.model} (give it once, as MODEL, --model or in the config)")
     for name, why in FORBIDDEN.items():
         if _truthy(getattr(args, name, None)):
             raise FlagError(f"--{name.replace('_', '-')} is not allowed: {why}")

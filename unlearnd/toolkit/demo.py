@@ -233,6 +233,14 @@ def _keys(workdir: Path, tenants: tuple[DemoTenant, ...]) -> dict[str, str]:
     return keys
 
 
+DEMO_VLLM_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                  "--structured-outputs-config",
+                  '{"backend": "xgrammar", "disable_any_whitespace": true}']
+"""`vllm serve` flags of the demo server: tool calls (vLLM's `required` and named
+`tool_choice` need a tool parser) and compact JSON (the tiny model otherwise pads
+structured output with whitespace until `max_tokens`)."""
+
+
 def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
                 tenants: tuple[DemoTenant, ...] = TENANTS, host: str = "127.0.0.1") -> tuple:
     """The server config and the demo.json document for the built world."""
@@ -264,6 +272,7 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
         "admin_key": keys["__admin__"],
         "engine": {"max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 16,
                    "max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024 * 1024},
+        "vllm_args": DEMO_VLLM_ARGS,
         "tenants": [{"name": t.name, "api_key": keys[t.name],
                      "adapter": str(paths[f"adapter:{t.adapter}"]) if t.adapter else None,
                      "policy": str(paths[f"policy:{t.policy}"]) if t.policy else None}
