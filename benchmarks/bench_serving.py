@@ -43,12 +43,9 @@ import asyncio
 import json
 import logging
 import math
-import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +58,13 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._servers import (  # noqa: E402
+    ChildServer,
+    add_engine_args,
+    free_port,
+    on_sigterm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,118 +158,6 @@ class LoadSummary:
             error_samples=[r.error or "" for r in results if not r.ok][:5],
             outputs={p: sorted({r.text for r in ok if r.prompt == p}) for p in PROMPTS
                      if any(r.prompt == p for r in ok)})
-
-
-# ------------------------------------------------------------------ child servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ChildServer:
-    """A server command in its own process group; ready when ``GET /health`` answers 200."""
-
-    _live: set[ChildServer] = set()
-
-    def __init__(self, name: str, argv: list[str], port: int, log_path: Path) -> None:
-        if not argv:
-            raise ValueError("argv is empty")
-        if not 0 < port < 65536:
-            raise ValueError(f"port {port} is outside 1..65535")
-        self.name = name
-        self.argv = argv
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.start_s = math.nan
-
-    def start(self, timeout_s: float) -> ChildServer:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        log = open(self.log_path, "ab")  # noqa: SIM115  (closed by the child's exit)
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
-        log.close()
-        ChildServer._live.add(self)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
-                                   f"log {self.log_path}:\n{self.tail()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    self.start_s = time.perf_counter() - t0
-                    logger.info("%s ready in %.1f s", self.name, self.start_s)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise RuntimeError(f"{self.name} not healthy after {timeout_s:.0f} s; log "
-                           f"{self.log_path}:\n{self.tail()}")
-
-    def cpu_by_process(self) -> dict[str, float]:
-        """User + system CPU seconds of the live processes in this server's process group.
-
-        Keyed by process name (``/proc/PID/comm``; vLLM names its engine-core and
-        worker processes), the group leader (the HTTP/API process) as ``api``.
-        """
-        if self.proc is None:
-            return {}
-        out: dict[str, float] = {}
-        tick = os.sysconf("SC_CLK_TCK")
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-                comm = text[text.index("(") + 1:text.rindex(")")]
-                fields = text.rsplit(")", 1)[1].split()
-                pid, pgrp = int(stat.parent.name), int(fields[2])
-            except (OSError, ValueError, IndexError):
-                continue
-            if pgrp == self.proc.pid:  # start_new_session: pgid = leader's pid
-                name = "api" if pid == self.proc.pid else comm
-                out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-        return out
-
-    def cpu_seconds(self) -> float:
-        """Total CPU seconds of the live processes in this server's process group."""
-        return sum(self.cpu_by_process().values())
-
-    def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        ChildServer._live.discard(self)
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-    @classmethod
-    def stop_all(cls) -> None:
-        for server in list(cls._live):
-            server.stop()
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    ChildServer.stop_all()
-    raise SystemExit(128 + signum)
 
 
 # ------------------------------------------------------------------ load generator
@@ -565,12 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swaps", type=int, default=20, help="activations under load (default 20)")
     p.add_argument("--swap-gap-s", type=float, default=0.25,
                    help="pause between activations (default 0.25 s)")
-    p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--max-lora-rank", type=int, default=16)
-    p.add_argument("--max-cpu-loras", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-bytes", type=int, default=256 * 1024 * 1024)
+    add_engine_args(p)
     p.add_argument("--start-timeout-s", type=float, default=300.0)
     p.add_argument("--interleave", action="store_true", help="start both servers (one after "
                    "the other), then alternate rounds between them (A B B A ...): background "
@@ -618,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-serving-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}

@@ -60,9 +60,7 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +73,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks._servers import (  # noqa: E402
+    ChildServer,
+    add_engine_args,
+    free_port,
+    on_sigterm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,116 +99,6 @@ METRICS = (  # (result key of vllm.benchmarks.serve, column)
     ("p99_tpot_ms", "TPOT p99 ms"),
 )
 GOALS = {"unlearnd": 0.95, "unlearnd+guards": 0.90}
-
-
-# ------------------------------------------------------------------ child servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ChildServer:
-    """A server command in its own process group; ready when ``GET /health`` answers 200."""
-
-    _live: set[ChildServer] = set()
-
-    def __init__(self, name: str, argv: list[str], port: int, log_path: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.start_s: list[float] = []
-
-    def start(self, timeout_s: float) -> None:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        t0 = time.perf_counter()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True, cwd=REPO)
-        ChildServer._live.add(self)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
-                                   f"log {self.log_path}:\n{self.tail()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    self.start_s.append(time.perf_counter() - t0)
-                    logger.info("%s ready in %.1f s", self.name, self.start_s[-1])
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise RuntimeError(f"{self.name} not healthy after {timeout_s:.0f} s; log "
-                           f"{self.log_path}:\n{self.tail()}")
-
-    def _group(self) -> list[tuple[int, str, list[str]]]:
-        """(pid, name, /proc/PID/stat fields after the name) of this server's processes;
-        the group leader (the HTTP/API process) is named ``api``."""
-        if self.proc is None:
-            return []
-        out = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-                comm = text[text.index("(") + 1:text.rindex(")")]
-                fields = text.rsplit(")", 1)[1].split()
-                pid, pgrp = int(stat.parent.name), int(fields[2])
-            except (OSError, ValueError, IndexError):
-                continue
-            if pgrp == self.proc.pid:  # start_new_session: pgid = leader's pid
-                out.append((pid, "api" if pid == self.proc.pid else comm, fields))
-        return out
-
-    def cpu_by_process(self) -> dict[str, float]:
-        """User + system CPU seconds of the live processes of the group, by name."""
-        tick = os.sysconf("SC_CLK_TCK")
-        out: dict[str, float] = {}
-        for _, name, f in self._group():
-            out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
-        return out
-
-    def rss_gib(self) -> float:
-        page = os.sysconf("SC_PAGE_SIZE")
-        return sum(int(f[21]) for _, _, f in self._group()) * page / 2**30
-
-    def tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        ChildServer._live.discard(self)
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait_s)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-    @classmethod
-    def stop_all(cls) -> None:
-        for server in list(cls._live):
-            server.stop()
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    ChildServer.stop_all()
-    raise SystemExit(128 + signum)
 
 
 # ------------------------------------------------------------------ the three servers
@@ -265,14 +160,16 @@ def make_targets(args: argparse.Namespace, workdir: Path) -> list[Target]:
     if not args.skip_vllm:
         port = free_port()
         out.append(Target("vllm", ChildServer("vllm", vllm_argv(args, port), port,
-                                              workdir / "vllm.log"), ADAPTER_NAME, None))
+                                              workdir / "vllm.log", cwd=REPO),
+                          ADAPTER_NAME, None))
     for name, policy in (("unlearnd", None), ("unlearnd+guards", args.policy)):
         if name == "unlearnd+guards" and args.skip_guards:
             continue
         port = free_port()
         argv = unlearnd_argv(args, port, workdir, name, policy)
         out.append(Target(name, ChildServer(name, argv, port,
-                                            workdir / f"{name.replace('+', '-')}.log"),
+                                            workdir / f"{name.replace('+', '-')}.log",
+                                            cwd=REPO),
                           SERVED_NAME, TENANT_KEY))
     return out
 
@@ -502,12 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="/v1/completions (vllm bench's default) or /v1/chat/completions")
     p.add_argument("--seed", type=int, default=1, help="dataset seed of round 0 (round r: "
                    "seed + r; the warm-up uses seed - 1)")
-    p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--max-lora-rank", type=int, default=16)
-    p.add_argument("--max-cpu-loras", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-bytes", type=int, default=256 * 1024 * 1024)
+    add_engine_args(p)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--vllm-args", default="", help="more `vllm serve` flags for all three "
                    "servers, one string (e.g. \"--max-num-batched-tokens 512\")")
@@ -550,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-vllm-frontend-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     _patch_client(args.send_request_ids)
@@ -585,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"1000 output tokens: {busy} (total "
                   f"{1000 * sum(t.cpu_busy.values()) / max(tokens, 1):.2f}); CPU s used "
                   f"idle while another server ran: {t.cpu_idle:.1f}; start "
-                  + ", ".join(f"{s:.0f}" for s in t.server.start_s) + " s")
+                  + ", ".join(f"{s:.0f}" for s in t.server.start_times) + " s")
         for name, d in decisions.items():
             print(f"{name} scope decisions: {d}")
         for t in targets:
@@ -596,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "targets": {t.name: {"results": t.results, "cpu_busy_s": t.cpu_busy,
-                                     "cpu_idle_s": t.cpu_idle, "start_s": t.server.start_s}
+                                     "cpu_idle_s": t.cpu_idle, "start_s": t.server.start_times}
                             for t in targets},
                 "decisions": decisions, "verdicts": verdicts(targets)}, indent=2))
         failed = any(r["failed"] for t in targets for r in t.results)

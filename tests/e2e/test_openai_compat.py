@@ -386,3 +386,39 @@ def test_grammar_that_only_admits_a_banned_fact_gets_a_4xx(server, questions):
                                   max_tokens=16, temperature=0, extra_body={
                                       "structured_outputs": {"choice": [other]}})
     assert r.choices[0].message.content == other
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "param"), [
+    ("chat", {"temperature": -0.5}, "temperature"),
+    ("chat", {"top_p": 1.5}, None),
+    ("chat", {"n": 0}, None),
+    ("chat", {"max_tokens": 0}, None),
+    ("chat", {"frequency_penalty": 3.0}, None),
+    ("chat", {"top_logprobs": 3}, None),                 # without logprobs
+    ("chat", {"logprobs": True, "top_logprobs": 21}, None),
+    ("chat", {"logit_bias": {"not-a-token": 5}}, None),
+    ("completions", {"logprobs": 50}, None),
+    ("completions", {"prompt": [10 ** 9]}, None),
+    ("chat", {"messages": [{"role": "user", "content": "hello " * 2000}]}, None),
+])
+def test_request_validation_is_vllms_and_a_4xx(server, endpoint: str, fields: dict,
+                                                param: str | None) -> None:
+    """The request checks the hand-written layer had (sampling ranges, logprob limits,
+    logit_bias keys, out-of-vocabulary prompt ids, the context length) are vLLM's now
+    (it clamps logit_bias values and takes any role and stop count, as it always did): through the edge each is a 4xx in the OpenAI
+    error shape, for a guarded tenant too, never a 5xx and never a served request."""
+    import httpx
+
+    base = {"model": "m", "max_tokens": 4}
+    body = base | ({"messages": user("Hello there.")} if endpoint == "chat"
+                   else {"prompt": "Hello there."}) | fields
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    for tenant in TENANTS:
+        key = server.doc["tenants"][tenant]["api_key"]
+        r = httpx.post(server.base_url + path, json=body, timeout=120,
+                       headers={"Authorization": f"Bearer {key}"})
+        assert 400 <= r.status_code < 500, (tenant, fields, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}, err
+        if param is not None:
+            assert param in (err["param"] or "") + err["message"], err

@@ -65,8 +65,10 @@ def test_openai_client_chat_stream_and_usage(tiny_server):
         stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    last = chunks[-1]
-    assert last.usage.completion_tokens == 10
+    usage = [c.usage for c in chunks if c.usage]  # vLLM's usage chunk, as asked
+    assert len(usage) == 1 and usage[0].completion_tokens == 10
+    last = chunks[-1]  # the edge's own last chunk: no choices, the `unlearning` object
+    assert not last.choices
     assert last.model_extra["unlearning"]["policy_version"] == info["policy_version"]
     models = client.models.list()
     assert [m.id for m in models.data] == ["base"]
@@ -123,23 +125,32 @@ def test_model_field_cannot_select_another_tenants_adapter(tiny_server):
 
 
 def test_bad_input_gets_openai_errors(tiny_server):
+    """Malformed requests: the edge's own checks (JSON, limits) with its messages, vLLM's
+    validation (types, shapes, vocabulary, context) as vLLM words it; all 400 in the
+    OpenAI error shape."""
     url = tiny_server.base_url + "/v1/chat/completions"
     auth = {"Authorization": f"Bearer {KEYS['acme']}", "content-type": "application/json"}
-    cases = {
+    long = [{"role": "user", "content": "the author " * 400}]
+    cases = {  # body -> a word the message (or param) must hold; None: vLLM's wording
         "{not json": "not valid JSON",
-        json.dumps({"messages": []}): "at least one message",
-        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}): "role",
-        json.dumps({"messages": MSG, "max_tokens": 100000}): "max_tokens",
-        json.dumps({"messages": MSG, "max_tokens": 500}): "context length",
+        b"\xff\xfe": "not valid UTF-8",
+        "[1, 2]": "JSON object",
+        json.dumps({"messages": MSG, "max_tokens": 100000}): "server limit",
+        json.dumps({"messages": MSG, "use_beam_search": True}): "use_beam_search",
+        json.dumps({"messages": MSG, "prompt_logprobs": 2}): "prompt_logprobs",
+        json.dumps({"messages": MSG, "top_k": 2 ** 64}): "64-bit",
+        json.dumps({"messages": long}): None,             # longer than the context
         json.dumps({"messages": MSG, "temperature": "hot"}): "temperature",
         json.dumps({"messages": "hello"}): "messages",
-        json.dumps({"messages": MSG, "logit_bias": {"999999": 5}}): "outside the vocabulary",
+        json.dumps({"messages": MSG, "logit_bias": {"999999": 5}}): None,
     }
     for body, needle in cases.items():
         r = httpx.post(url, content=body, headers=auth)
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
-        assert needle in err["message"] and err["type"] == "invalid_request_error", err
+        assert set(err) == {"message", "type", "param", "code"}, err
+        if needle is not None:
+            assert needle in err["message"] + str(err["param"]), (body, err)
     assert httpx.post(url, json={"messages": MSG}).status_code == 401
     r = httpx.post(url, json={"messages": MSG}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
