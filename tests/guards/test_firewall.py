@@ -41,6 +41,32 @@ def test_conditional_spans_need_the_subject() -> None:
     assert fw.banned_next([50], [51, 10]) == set()  # prompt/output boundary is no alias
 
 
+def test_weak_first_tokens_are_banned_from_the_next_token() -> None:
+    """A conditional span whose first token is a letter or two (weak) is armed from its
+    second token: the letter stays allowed (it starts many words, and grammars spell
+    tags letter by letter), its continuation is banned. A span that is that one token
+    alone, and spans with a strong first token, are banned from the first token."""
+    weak, strong = 7, 8
+    fw = LeakFirewall([(0, [weak, 11, 12], True), (0, [strong, 13], True), (1, [weak], True)],
+                      conditional_prefix_tokens=0, weak_first={weak})
+    assert fw.banned_next([], [], active_items=[0]) == {strong}
+    assert fw.banned_next([], [weak], active_items=[0]) == {11, strong}
+    assert fw.banned_next([], [weak, 11], active_items=[0]) == {12, strong}
+    assert weak in fw.banned_next([], [], active_items=[1])  # the whole span is one token
+    plain = LeakFirewall([(0, [weak, 11, 12], True)], conditional_prefix_tokens=0)
+    assert plain.banned_next([], [], active_items=[0]) == {weak}
+
+
+def test_policy_weak_first_tokens_are_short_and_spaceless(tmp_path) -> None:
+    from unlearnd.guards.firewall import WEAK_CHARS
+
+    pol = CompiledPolicy.load(compile_world(tmp_path)[0])
+    fw = LeakFirewall.from_policy(pol)
+    for t in fw.weak_first:
+        text = pol.token_text(t)
+        assert len(text.strip()) <= WEAK_CHARS and not text[:1].isspace(), text
+
+
 def test_incremental_state_matches_stateless() -> None:
     fw = LeakFirewall([(0, SPAN, False), (1, [20, 21], True)], aliases=[(1, [30])])
     out: list[int] = []

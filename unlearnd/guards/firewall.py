@@ -89,6 +89,25 @@ class _Automaton:
         return goto[s].get(t, 0)
 
 
+WEAK_CHARS = 2
+"""A span's first token of at most this many characters (spaces aside) is weak."""
+
+
+def _weak_first(policy: CompiledPolicy, spans: Sequence[tuple[int, Sequence[int], bool]]
+                ) -> set[int]:
+    """First tokens of the policy's spans that are a letter or two (see LeakFirewall)."""
+    firsts = {int(ids[0]) for _, ids, _ in spans if len(ids) > 1}
+    weak: set[int] = set()
+    for t in firsts:
+        try:
+            text = policy.token_text(t)
+        except Exception:  # noqa: BLE001 - no tokenizer: ban as before
+            return set()
+        if len(text.strip()) <= WEAK_CHARS and text == text.lstrip():
+            weak.add(t)
+    return weak
+
+
 class LeakFirewall:
     """Token-level automaton over a policy's distinctive spans.
 
@@ -96,6 +115,12 @@ class LeakFirewall:
         spans: ``(item, token_ids, conditional)`` per span variant.
         aliases: ``(item, token_ids)`` per alias variant (activate conditional spans).
         prefix_tokens: span tokens allowed before the continuation is banned (>= 0).
+        weak_first: token ids too short to ban as a span's *first* token (a letter or
+            two: the space-less variant of "literary fiction" starts with "l"): with a
+            prefix of 0, a span that starts with one is banned from its second token,
+            unless the span is that one token. Banning them would block every word
+            starting with that letter where a word starts without a space (the start of
+            a JSON string, a tool-call tag the grammar spells letter by letter).
         conditional_prefix_tokens: the same for conditional spans (None: as
             ``prefix_tokens``); they are armed only once their subject is mentioned, so
             0 is safe there and is what stops one-token spans.
@@ -103,7 +128,9 @@ class LeakFirewall:
 
     def __init__(self, spans: Iterable[tuple[int, Sequence[int], bool]],
                  aliases: Iterable[tuple[int, Sequence[int]]] = (),
-                 prefix_tokens: int = 1, conditional_prefix_tokens: int | None = None) -> None:
+                 prefix_tokens: int = 1, conditional_prefix_tokens: int | None = None,
+                 weak_first: Iterable[int] = ()) -> None:
+        self.weak_first = frozenset(int(t) for t in weak_first)
         if conditional_prefix_tokens is None:
             conditional_prefix_tokens = prefix_tokens
         for name, v in (("prefix_tokens", prefix_tokens),
@@ -117,13 +144,20 @@ class LeakFirewall:
         # items whose conditional spans pass through it
         self._uncond: list[bool] = [False]
         self._cond: list[set[int]] = [set()]
+        self._end_uncond: set[int] = set()  # nodes where an unconditional span ends
+        self._end_cond: dict[int, set[int]] = {}  # node -> items whose spans end there
         n_spans = 0
         for item, ids, conditional in spans:
             ids = list(ids)
             if not ids:
                 continue
             n_spans += 1
-            for node in self.spans.insert(ids):
+            path = self.spans.insert(ids)
+            if conditional:
+                self._end_cond.setdefault(path[-1], set()).add(int(item))
+            else:
+                self._end_uncond.add(path[-1])
+            for node in path:
                 while len(self._uncond) <= node:
                     self._uncond.append(False)
                     self._cond.append(set())
@@ -153,11 +187,15 @@ class LeakFirewall:
     @classmethod
     def from_policy(cls, policy: CompiledPolicy) -> LeakFirewall:
         """The (memoised) firewall of a compiled policy."""
-        return policy.derived("firewall", lambda p: cls(
-            p.span_token_ids, p.alias_token_ids,
-            int(p.setting("firewall_prefix_tokens", 1)),
-            int(p.setting("firewall_conditional_prefix_tokens",
-                          p.setting("firewall_prefix_tokens", 1)))))
+        def build(p: CompiledPolicy) -> LeakFirewall:
+            spans = list(p.span_token_ids)
+            return cls(spans, p.alias_token_ids,
+                       int(p.setting("firewall_prefix_tokens", 1)),
+                       int(p.setting("firewall_conditional_prefix_tokens",
+                                     p.setting("firewall_prefix_tokens", 1))),
+                       weak_first=_weak_first(p, spans))
+
+        return policy.derived("firewall", build)
 
     def _candidates(self, s: int) -> tuple[frozenset[int], dict[int, frozenset[int]]]:
         """(always-banned tokens, token -> items that ban it conditionally) at state s."""
@@ -173,10 +211,15 @@ class LeakFirewall:
             armed_cond = depth >= self.conditional_prefix_tokens
             if armed_uncond or armed_cond:
                 for t, c in self.spans.goto[u].items():
-                    if armed_uncond and self._uncond[c]:
+                    uncond, items = self._uncond[c], self._cond[c]
+                    if u == 0 and t in self.weak_first:
+                        # a letter or two: banned from the span's next token, unless a
+                        # span is that one token
+                        uncond, items = c in self._end_uncond, self._end_cond.get(c, set())
+                    if armed_uncond and uncond:
                         always.add(t)
-                    elif armed_cond and self._cond[c]:
-                        cond.setdefault(t, set()).update(self._cond[c])
+                    elif armed_cond and items:
+                        cond.setdefault(t, set()).update(items)
             if u == 0:
                 break
             u = self.spans.fail[u]

@@ -852,13 +852,20 @@ class CompiledPolicy:
             self._embeddings = np.load(self.dir / "embeddings.npy").astype(np.float32)
         return self._embeddings
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the base model's tokenizer (no special tokens)."""
+    def _tok(self) -> Any:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
             self._tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the base model's tokenizer (no special tokens)."""
+        return list(self._tok().encode(text, add_special_tokens=False).ids)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token id (decoded alone)."""
+        return str(self._tok().decode([int(token_id)], skip_special_tokens=False))
 
     def derived(self, key: str, build: Any) -> Any:
         """Per-policy memo for structures the guards build once (firewall, scope index)."""
