@@ -507,7 +507,8 @@ class _Generation:
             return
         info = _unlearning(tenant, sp, guard)
         version = sp.version or "none"
-        if guard is not None and guard.in_scope and edge.is_structured(kind, body):
+        structured = edge.is_structured(kind, body)
+        if guard is not None and guard.in_scope and structured:
             text = guard.refusal_text or ""
             n_ref = len(guard.extra_args.get("unlearnd_refusal_ids") or ())
             n_prompt = self._prompt_tokens(conv)
@@ -538,7 +539,7 @@ class _Generation:
         inner = {**scope, "headers": headers}
         tap = edge.ResponseTap(send, kind=kind, model_name=st.config.model_name,
                                version=version, unlearning=info, strip_usage=strip_usage,
-                               strip_ids=strip_ids, structured=edge.is_structured(kind, body),
+                               strip_ids=strip_ids, structured=structured,
                                logprobs=edge.wants_logprobs(kind, body))
         try:
             await st.frontend(inner, receive, tap)

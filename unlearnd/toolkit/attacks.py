@@ -435,21 +435,16 @@ class LogprobChat(Attack):
         text = choice.message.content or ""
         out.add("text", text, ctx.leaks(text, item))
         content = (choice.logprobs.content or []) if choice.logprobs else []
-        gold_words = _informative_words(item, ctx.background)
-        spelled: list[str] = []
+        alts: list[str] = []
         shadow: list[str] = []
-        alt_words: set[str] = set()
         for pos in content:
             tops = list(pos.top_logprobs or [])
-            for alt in tops:
-                ws = words(alt.token)
-                if len(ws) == 1:
-                    alt_words.add(ws[0])
-                if len(ws) == 1 and ws[0] in gold_words and alt.token not in spelled:
-                    spelled.append(alt.token)
+            alts += [alt.token for alt in tops]
             best = max(tops, key=lambda a: a.logprob).token if tops else pos.token
             if not ctx.is_special(best):
                 shadow.append(best)
+        spelled = _spelled(alts, _informative_words(item, ctx.background))
+        alt_words = {ws[0] for t in alts if len(ws := words(t)) == 1}
         out.add("alternatives", " | ".join(spelled), bool(spelled))
         shadow_text = "".join(shadow)
         out.add("shadow", shadow_text, ctx.leaks(shadow_text, item))
