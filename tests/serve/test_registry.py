@@ -326,6 +326,26 @@ def test_pointer_changed_at(reg: SQLiteRegistry, three: list[PolicyVersion],
     assert reg.pointer_changed_at("globex") is None
 
 
+def test_snapshot_is_what_the_single_reads_say(reg: SQLiteRegistry,
+                                                three: list[PolicyVersion]) -> None:
+    """`snapshot` (what every replica mirrors, in a fixed number of queries) agrees with
+    the one-tenant reads, and answers None while the generation is unchanged."""
+    a, b, _ = three
+    reg.activate("acme", a.name, actor="op")
+    reg.activate("acme", b.name, actor="op")
+    snap = reg.snapshot()
+    assert snap is not None and snap.generation == reg.generation()
+    assert snap.tenants == reg.list_tenants()
+    assert snap.keys == reg.key_index()
+    assert snap.active == {"acme": b, "globex": None}
+    assert snap.changed_at == {"acme": reg.pointer_changed_at("acme"), "globex": None}
+    assert reg.snapshot(seen=snap.generation) is None
+    reg.deactivate("acme", actor="op")
+    later = reg.snapshot(seen=snap.generation)
+    assert later is not None and later.active == {"acme": None, "globex": None}
+    assert later.changed_at["acme"] >= snap.changed_at["acme"]
+
+
 def test_delete_version(reg: SQLiteRegistry, three: list[PolicyVersion]) -> None:
     a, b, c = three
     reg.activate("acme", a.name, actor="op")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,7 @@ from tests.serve.test_registry import (  # noqa: F401  (fixtures and tests colle
     test_pointer_changed_at,
     test_restart_keeps_state,
     test_same_content_is_idempotent,
+    test_snapshot_is_what_the_single_reads_say,
     test_unknown_tenant_404,
     test_versions_are_private_to_their_tenant,
     three,
@@ -283,3 +285,79 @@ def test_replicas_racing_to_create_the_same_tenant(
     assert [e.action for e in regs[0].audit()] == ["create_tenant"]
     for r in regs:
         r.close()
+
+
+# -- pushed changes: LISTEN/NOTIFY -----------------------------------------------------------
+
+
+def _watching(registry: PostgresRegistry) -> tuple[threading.Event, list[float], object]:
+    """Start `registry.watch`; (event set on every callback, callback times, stop)."""
+    fired = threading.Event()
+    times: list[float] = []
+
+    def on_change() -> None:
+        times.append(time.monotonic())
+        fired.set()
+
+    stop = registry.watch(on_change)
+    assert fired.wait(10), "no callback after the listener connected"
+    fired.clear()
+    return fired, times, stop
+
+
+def test_watch_is_woken_by_another_instances_commit(
+    pg_url: str, state: Path, base: BaseModelSpec, three: list
+) -> None:
+    """A change committed through replica A wakes replica B's watcher (which polls
+    nothing); a transaction that rolls back notifies no one."""
+    a = PostgresRegistry(pg_url, state, base=base, max_lora_rank=8)
+    b = PostgresRegistry(pg_url, state, base=base, max_lora_rank=8)
+    fired, times, stop = _watching(b)
+    try:
+        t0 = time.monotonic()
+        a.activate("acme", three[0].name, actor="replica-a")
+        assert fired.wait(5), "B was not notified of A's activation"
+        assert times[-1] - t0 < 5
+        fired.clear()
+        with pytest.raises(RegistryError):  # fails inside its transaction: rolled back
+            a.activate("acme", "acme@nonexistent00", actor="replica-a")
+        assert not fired.wait(1.5)
+        a.activate("acme", three[1].name, actor="replica-a")
+        assert fired.wait(5)
+    finally:
+        stop()
+        a.close()
+        b.close()
+
+
+def test_watch_reconnects_and_reports_what_it_may_have_missed(
+    pg_url: str, state: Path, base: BaseModelSpec, three: list
+) -> None:
+    """The listening connection killed: the watcher reconnects, calls back once for
+    whatever changed meanwhile, and is woken by later changes again."""
+    a = PostgresRegistry(pg_url, state, base=base, max_lora_rank=8)
+    fired, times, stop = _watching(a)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'unlearnd-listen'"
+            ).fetchall()
+        assert killed and all(row[0] for row in killed)
+        assert fired.wait(10), "no callback after reconnecting"
+        fired.clear()
+        a.activate("acme", three[1].name, actor="op")
+        assert fired.wait(5), "not woken after reconnecting"
+    finally:
+        stop()
+        a.close()
+
+
+def test_stopping_the_watch_ends_its_thread(pg_url: str, state: Path, base: BaseModelSpec
+                                            ) -> None:
+    a = PostgresRegistry(pg_url, state, base=base, max_lora_rank=8)
+    _, _, stop = _watching(a)
+    stop()
+    assert not any(t.name == "unlearnd-registry-listen" and t.is_alive()
+                   for t in threading.enumerate())
+    a.close()

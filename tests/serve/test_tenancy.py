@@ -24,7 +24,7 @@ from tests.serve.fakes import (
     wait_until,
 )
 from unlearnd.serve.engine import IDENTITY_LORA_NAME
-from unlearnd.serve.registry import PolicyVersion, Tenant
+from unlearnd.serve.registry import PolicyVersion, RegistrySnapshot, Tenant
 from unlearnd.serve.tenancy import TenantRouter
 
 ACME = Tenant("acme", "salt-acme", 0.0)
@@ -70,6 +70,14 @@ class MiniRegistry:
 
     def pointer_changed_at(self, name: str) -> float | None:
         return self.changed_at.get(name)
+
+    def snapshot(self, seen: int | None = None) -> RegistrySnapshot | None:
+        if self.gen == seen:
+            return None
+        tenants = self.list_tenants()
+        return RegistrySnapshot(self.gen, tenants, {},
+                                {t.name: self.active[t.name] for t in tenants},
+                                {t.name: self.changed_at.get(t.name) for t in tenants})
 
 
 def make_router(drain_timeout_s: float = 5.0) -> tuple[TenantRouter, FakeEngine, MiniRegistry]:
@@ -276,13 +284,13 @@ def test_sync_records_propagation_of_changes_made_elsewhere() -> None:
         reg.set(ACME, version("acme@bbb", 2))
         reg.changed_at["acme"] = time.time() - 3
         readers: list[str] = []
-        generation = reg.generation
+        snapshot = reg.snapshot
 
-        def generation_in_a_thread() -> int:
+        def snapshot_in_a_thread(seen: int | None = None) -> RegistrySnapshot | None:
             readers.append(threading.current_thread().name)
-            return generation()
+            return snapshot(seen)
 
-        reg.generation = generation_in_a_thread  # type: ignore[method-assign]
+        reg.snapshot = snapshot_in_a_thread  # type: ignore[method-assign]
         await router.sync_from_registry()
         assert router.current(ACME).version == "acme@bbb"
         assert count() == 1

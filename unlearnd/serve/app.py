@@ -17,6 +17,7 @@ factory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -149,7 +150,15 @@ def build_app(config: ServerConfig,
                                           TenantLimiter.from_config(config.limits,
                                                                     config.tenants),
                                           config.resolve_metrics_key(), sign_key)
-            poller = asyncio.create_task(_poll_registry(app.state.unlearnd))
+            # Registry changes from other replicas: pushed where the storage can
+            # (PostgreSQL LISTEN/NOTIFY), and polled every registry_poll_s regardless.
+            changed = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            stop_watch = reg.watch(lambda: loop.call_soon_threadsafe(changed.set)) \
+                if config.registry_notify else None
+            if stop_watch is not None:
+                stack.callback(stop_watch)
+            poller = asyncio.create_task(_poll_registry(app.state.unlearnd, changed))
             stack.callback(poller.cancel)
             logger.info("unlearnd serving %s with %d tenants", config.model_name,
                         len(reg.list_tenants()))
@@ -602,10 +611,13 @@ def _unlearning(tenant: Tenant, sp: ServingPolicy, guard: Any) -> dict[str, Any]
             "mechanisms": list(sp.mechanisms), **decision}
 
 
-async def _poll_registry(st: AppState) -> None:
-    """Pick up swaps made through other replicas (or other processes) on the registry."""
+async def _poll_registry(st: AppState, changed: asyncio.Event) -> None:
+    """Pick up changes made through other replicas (or other processes) on the registry:
+    as soon as `changed` is set (a pushed notification), else every registry_poll_s."""
     while True:
-        await asyncio.sleep(st.config.registry_poll_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=st.config.registry_poll_s)
+        changed.clear()  # before reading: a change during the read triggers another
         try:
             async with st.swap_lock:
                 await st.router.sync_from_registry()

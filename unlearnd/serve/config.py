@@ -123,6 +123,10 @@ class ServerConfig(BaseModel):
                                        "artifacts must lie under one of these (empty: any).")
     registry_poll_s: float = Field(2.0, gt=0, description="How often a replica checks the "
                                    "registry for swaps made through another replica.")
+    registry_notify: bool = Field(True, description="PostgreSQL registry: LISTEN for "
+                                  "changes so swaps reach this replica at once (polling "
+                                  "stays the fallback). Off behind a pooler that cannot "
+                                  "LISTEN, such as PgBouncer in transaction mode.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     vllm_args: list[str] = Field(default_factory=list, description="`vllm serve` flags "
                                  "for the engine and frontend, after the `engine:` "

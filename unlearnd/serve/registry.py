@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,6 +92,18 @@ class AuditEntry:
     action: str
     tenant: str | None
     detail: dict
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """Everything a serving replica mirrors, read in one consistent transaction (see
+    `SQLiteRegistry.snapshot`): a fixed number of queries however many tenants exist."""
+
+    generation: int
+    tenants: list[Tenant]
+    keys: dict[str, str]                          # sha256(key) -> tenant
+    active: dict[str, PolicyVersion | None]       # tenant -> active version
+    changed_at: dict[str, float | None]           # tenant -> when its pointer last moved
 
 
 class RegistryError(Exception):
@@ -187,6 +199,17 @@ class Registry(Protocol):
 
     def pointer_changed_at(self, tenant: str) -> float | None:
         """Wall time of the tenant's last activate / rollback / deactivate, if any."""
+        ...
+
+    def snapshot(self, seen: int | None = None) -> RegistrySnapshot | None:
+        """Tenants, keys, active versions and pointer times in one consistent read;
+        None when the generation is still `seen`."""
+        ...
+
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None] | None:
+        """Call `on_change()` (from any thread) soon after any process changes the
+        registry; returns a function that stops watching, or None when this storage
+        cannot push changes (replicas then rely on polling alone)."""
         ...
 
 
@@ -381,6 +404,17 @@ class SQLiteRegistry(Registry):
                 raise RegistryError(
                     503, "registry_unavailable", f"registry is unavailable: {exc}"
                 ) from exc
+
+    @contextlib.contextmanager
+    def _snapshot_read(self) -> Iterator[sqlite3.Connection]:
+        """Several reads that see one state: a deferred (read) transaction in WAL mode."""
+        with self._read() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
 
     def _changed(
         self,
@@ -841,6 +875,41 @@ class SQLiteRegistry(Registry):
                 (tenant,),
             ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    def snapshot(self, seen: int | None = None) -> RegistrySnapshot | None:
+        """What a replica mirrors, in one transaction and four queries; None when the
+        generation is still `seen` (then only the counter was read)."""
+        with self._snapshot_read() as conn:
+            gen = int(conn.execute("SELECT generation FROM state WHERE id = 1").fetchone()[0])
+            if gen == seen:
+                return None
+            rows = conn.execute(
+                "SELECT name, cache_salt, created_at, key_hash, active_version FROM tenants "
+                "ORDER BY name"
+            ).fetchall()
+            versions = {
+                r[0]: self._version(r)
+                for r in conn.execute(
+                    f"SELECT {', '.join('v.' + c.strip() for c in _VERSION_COLUMNS.split(','))}"
+                    " FROM versions v JOIN tenants t ON t.active_version = v.name"
+                ).fetchall()
+            }
+            moved = dict(conn.execute(
+                "SELECT tenant, MAX(ts) FROM audit WHERE tenant IS NOT NULL "
+                "AND action IN ('activate', 'rollback', 'deactivate') GROUP BY tenant"
+            ).fetchall())
+        return RegistrySnapshot(
+            generation=gen,
+            tenants=[Tenant(name=r[0], cache_salt=r[1], created_at=r[2]) for r in rows],
+            keys={r[3]: r[0] for r in rows},
+            active={r[0]: versions.get(r[4]) if r[4] else None for r in rows},
+            changed_at={r[0]: None if moved.get(r[0]) is None else float(moved[r[0]])
+                        for r in rows},
+        )
+
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None] | None:
+        """SQLite cannot push changes to other processes: None (replicas poll)."""
+        return None
 
     def generation(self) -> int:
         """The change counter, read from the database (so other processes' changes count)."""

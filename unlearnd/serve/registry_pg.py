@@ -20,10 +20,17 @@ The artifact store stays on the filesystem under `<state_dir>/store`: with sever
 replicas it must be a shared volume (same path on every replica), because version rows
 name absolute store paths.
 
-Replicas learn about each other's changes by polling `generation()` (one indexed read)
-every `ServerConfig.registry_poll_s` seconds; see unlearnd/serve/app.py `_poll_registry`.
-A swap made through one replica is served by another within that interval plus the time
-that replica needs to load the adapter, which it does before it routes to it.
+Replicas learn about each other's changes in two ways. Every change transaction ends
+with `NOTIFY unlearnd_registry` (delivered by PostgreSQL when, and only when, it
+commits), and `watch()` keeps a second connection `LISTEN`ing on that channel in a
+daemon thread, so a swap made through one replica wakes every other within
+milliseconds. Polling `generation()` (one indexed read) every
+`ServerConfig.registry_poll_s` seconds stays as the fallback: a notification is lost
+while the listening connection is down (the watcher then reconnects with backoff and
+reports one change on reconnecting, so nothing missed meanwhile stays missed). See
+unlearnd/serve/app.py `_poll_registry`. A replica loads the new adapter before it
+routes to it, so what a swap costs to reach a replica is the notification, one
+snapshot read and that load.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -45,6 +53,8 @@ logger = logging.getLogger(__name__)
 # pg_advisory_xact_lock key every write transaction takes: b"unlearnd" as a big-endian
 # int64, so it does not collide with other applications' advisory locks on the database.
 WRITE_LOCK_KEY = int.from_bytes(b"unlearnd", "big")
+# The channel every change transaction notifies (payload: the action) and watchers listen on.
+NOTIFY_CHANNEL = "unlearnd_registry"
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS state (
@@ -234,6 +244,20 @@ class PostgresRegistry(SQLiteRegistry):
         # psycopg messages name host and port, never the password.
         return RegistryError(503, "registry_unavailable", f"registry is unavailable: {exc}")
 
+    def _connect(self, **extra: Any) -> Any:
+        """A new autocommit connection with the registry's timeouts (psycopg.Error on failure)."""
+        options = (
+            f"-c lock_timeout={int(self.lock_timeout_s * 1000)} "
+            f"-c statement_timeout={int(self.statement_timeout_s * 1000)}"
+        )
+        return self._psycopg.connect(
+            self.database_url,
+            autocommit=True,  # reads: one statement each; writes: explicit transactions
+            connect_timeout=max(1, round(self.connect_timeout_s)),
+            options=options,
+            **extra,
+        )
+
     def _connection(self) -> Any:
         """The open connection, (re)connecting when there is none or it broke."""
         if self._closed:
@@ -247,18 +271,8 @@ class PostgresRegistry(SQLiteRegistry):
             with contextlib.suppress(Exception):
                 conn.close()
             self._conn = None
-        options = (
-            f"-c lock_timeout={int(self.lock_timeout_s * 1000)} "
-            f"-c statement_timeout={int(self.statement_timeout_s * 1000)}"
-        )
         try:
-            self._conn = self._psycopg.connect(
-                self.database_url,
-                autocommit=True,  # reads: one statement each; writes: explicit transactions
-                connect_timeout=max(1, round(self.connect_timeout_s)),
-                options=options,
-                application_name="unlearnd",
-            )
+            self._conn = self._connect(application_name="unlearnd")
         except self._psycopg.Error as exc:
             raise self._unavailable(exc) from exc
         return self._conn
@@ -288,3 +302,68 @@ class PostgresRegistry(SQLiteRegistry):
                 yield _SqliteDialect(conn)
             except self._psycopg.Error as exc:
                 raise self._unavailable(exc) from exc
+
+    @contextlib.contextmanager
+    def _snapshot_read(self) -> Iterator[_SqliteDialect]:  # type: ignore[override]
+        """Several reads that see one committed state (REPEATABLE READ, read only)."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    yield _SqliteDialect(conn)
+            except self._psycopg.Error as exc:
+                raise self._unavailable(exc) from exc
+
+    def _changed(self, conn: Any, actor: str, action: str, tenant: str | None,
+                 detail: dict[str, Any]) -> None:
+        """The inherited audit row and generation bump, plus a notification that
+        PostgreSQL delivers to every listener when this transaction commits."""
+        super()._changed(conn, actor, action, tenant, detail)
+        conn.execute("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, action))
+
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        """LISTEN on the registry's channel in a daemon thread; `on_change()` runs in
+        that thread on every notification, and once after each (re)connect. Returns
+        the function that stops the thread (it exits within about a second)."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self._listen, args=(on_change, stop),
+                                  name="unlearnd-registry-listen", daemon=True)
+        thread.start()
+
+        def stop_watching() -> None:
+            stop.set()
+            thread.join(timeout=5)
+
+        return stop_watching
+
+    def _listen(self, on_change: Callable[[], None], stop: threading.Event) -> None:
+        psycopg = self._psycopg
+        backoff = 0.1
+        while not stop.is_set() and not self._closed:
+            try:
+                conn = self._connect(application_name="unlearnd-listen")
+            except psycopg.Error as exc:
+                logger.warning("registry listener cannot connect to %s (%s); polling "
+                               "only, retrying in %.1f s", redact_url(self.database_url),
+                               exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            try:
+                with conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff = 0.1
+                    on_change()  # whatever changed while no one was listening
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            on_change()
+            except psycopg.Error as exc:
+                if stop.is_set():
+                    break
+                logger.warning("registry listener lost its connection (%s); reconnecting",
+                               exc)
+                time.sleep(0.1)
+            except Exception:  # noqa: BLE001 - a failing callback must not end the watch
+                logger.exception("registry change callback failed")
+                stop.wait(1.0)

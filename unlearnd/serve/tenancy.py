@@ -38,17 +38,6 @@ class ServingPolicy:
     error: str | None = None      # set: the version cannot be served; requests get 503
 
 
-@dataclass(frozen=True)
-class _RegistryView:
-    """What one registry poll read (see `TenantRouter.sync_from_registry`)."""
-
-    generation: int
-    tenants: list[Tenant]
-    keys: dict[str, str]                          # sha256(key) -> tenant
-    active: dict[str, PolicyVersion | None]       # tenant -> active version
-    changed_at: dict[str, float | None]           # tenant -> when its pointer last moved
-
-
 @dataclass
 class _Lease:
     count: int = 0
@@ -181,25 +170,6 @@ class TenantRouter:
         except Exception:  # noqa: BLE001 - release is best effort; vLLM's LRU evicts anyway
             logger.exception("releasing adapter %s failed", old.version)
 
-    def _read_registry(self, seen: int) -> _RegistryView | None:
-        """The registry's tenants, keys and active versions; None if generation `seen`.
-
-        Blocking database reads: callers run it in a thread (see `sync_from_registry`).
-        """
-        gen = self.registry.generation()
-        if gen == seen:
-            return None
-        tenants = self.registry.list_tenants()
-        index = getattr(self.registry, "key_index", None)
-        changed_at = getattr(self.registry, "pointer_changed_at", None)
-        return _RegistryView(
-            generation=gen,
-            tenants=tenants,
-            keys=index() if index is not None else {},
-            active={t.name: self.registry.active_version(t.name) for t in tenants},
-            changed_at={t.name: changed_at(t.name) for t in tenants} if changed_at else {},
-        )
-
     async def sync_from_registry(self) -> None:
         """Make every tenant's in-memory pointer equal the registry's (start-up, polling).
 
@@ -208,7 +178,7 @@ class TenantRouter:
         (adapter loaded first) and `unlearnd_policy_propagation_seconds` records how
         long after the registry's pointer moved this replica started serving it.
         """
-        view = await asyncio.to_thread(self._read_registry, self.generation_seen)
+        view = await asyncio.to_thread(self.registry.snapshot, self.generation_seen)
         if view is None:
             return
         self._tenants = {t.name: t for t in view.tenants}
