@@ -132,6 +132,23 @@ def test_get_runner_caches_per_dir_and_device(model_dir: Path) -> None:
     assert get_runner(str(model_dir) + "/") is first
 
 
+def test_get_runner_shares_one_model_between_equal_assistants(model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """Two policies' copies of one assistant (two tenants forgetting the same set: the
+    store holds a copy per version) share a runner; an assistant that differs in any
+    byte gets its own."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert get_runner(copy) is get_runner(model_dir)
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    cfg = other / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    assert get_runner(other) is not get_runner(model_dir)
+
+
 @pytest.mark.parametrize("layout", ["adapter_dir", "adapter_subdir"])
 def test_peft_adapter_is_merged(model_dir: Path, tmp_path: Path, layout: str) -> None:
     import json

@@ -196,6 +196,38 @@ def test_compiled_policy_load_is_cached_and_versioned(world) -> None:
     assert a.encode("Hello")  # tokenizer copy works
 
 
+def test_policy_cache_is_bounded_and_tokenizers_shared(world, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With UNLEARND_POLICY_CACHE_SIZE=2 at most two policies stay loaded (least recently
+    used evicted; a caller holding one keeps a working object), and copies of one policy
+    (tenants of one base) share one tokenizer instance."""
+    import shutil
+
+    from unlearnd.guards.policy import POLICY_CACHE_ENV
+
+    monkeypatch.setattr(CompiledPolicy, "_cache", type(CompiledPolicy._cache)())
+    monkeypatch.setenv(POLICY_CACHE_ENV, "2")
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"copy{i}"
+        shutil.copytree(world[0], d)
+        dirs.append(d)
+    a = CompiledPolicy.load(dirs[0])
+    b = CompiledPolicy.load(dirs[1])
+    assert CompiledPolicy.load(dirs[0]) is a  # a is now the most recently used
+    c = CompiledPolicy.load(dirs[2])  # evicts b
+    assert len(CompiledPolicy._cache) == 2
+    assert CompiledPolicy.load(dirs[0]) is a and CompiledPolicy.load(dirs[2]) is c
+    b2 = CompiledPolicy.load(dirs[1])
+    assert b2 is not b and b2.items == b.items
+    assert b.encode("Hello") == b2.encode("Hello")  # the evicted object still works
+    assert a._tok() is b._tok() is c._tok()
+    monkeypatch.setenv(POLICY_CACHE_ENV, "zero")
+    shutil.copytree(world[0], tmp_path / "copy3")
+    with pytest.raises(ValueError, match=POLICY_CACHE_ENV):
+        CompiledPolicy.load(tmp_path / "copy3")
+
+
 def test_load_rejects_bad_dirs(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         CompiledPolicy.load(tmp_path)

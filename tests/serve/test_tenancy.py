@@ -246,7 +246,7 @@ def test_sync_from_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         await router.sync_from_registry()
         assert router.active_versions() == {"acme": "acme@aaa", "globex": None}
         sp = router.current(ACME)
-        assert sp.guards.trigger == "Gandalf"
+        assert (await sp.guards.get()).trigger == "Gandalf"
         assert sp.mechanisms == ("adapter", "firewall", "refusal")
         loads = list(engine.loaded)
         await router.sync_from_registry()  # same generation: nothing to do
@@ -429,3 +429,82 @@ def test_stream_closed_before_its_first_chunk_releases_everything(app) -> None:
     assert app.metrics.requests.labels("acme", "chat", "aborted")._value.get() == 1
     assert app.client.post(CHAT, json={"messages": HELLO},
                            headers=app.auth("acme")).status_code == 200
+
+
+# -- the guard cache: bounded memory with hundreds of tenants -------------------------------
+
+
+def test_guard_cache_evicts_least_recently_used_and_reloads(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    """At most `size` pipelines stay loaded; an evicted one is loaded again on its next
+    use (a request already holding it keeps it); a failed load changes nothing."""
+    from unlearnd.serve.tenancy import GuardCache, GuardRef
+
+    loads: list[str] = []
+
+    def counting_load(policy_dir: str):
+        loads.append(policy_dir)
+        return fake_load_guards(policy_dir)
+
+    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", counting_load)
+    dirs = [str(make_policy_dir(tmp_path / f"p{i}", trigger=f"T{i}")) for i in range(3)]
+    cache = GuardCache(size=2)
+    refs = [GuardRef(d, ("refusal",), cache) for d in dirs]
+
+    async def run() -> None:
+        held = await refs[0].get()
+        await refs[1].get()
+        assert await refs[0].get() is held and len(loads) == 2  # cached: 0 is now newest
+        await refs[2].get()  # evicts 1, the least recently used
+        assert len(cache) == 2 and cache.evictions == 1
+        assert cache.peek(dirs[1]) is None and cache.peek(dirs[0]) is held
+        again = await refs[1].get()
+        assert loads == [dirs[0], dirs[1], dirs[2], dirs[1]]
+        assert again.trigger == "T1" and held.trigger == "T0"  # the holder keeps its own
+        # fresh: read from the store even when cached (an operator's activation)
+        assert cache.load(dirs[1], fresh=True) is not again and loads[-1] == dirs[1]
+
+    asyncio.run(run())
+
+    def broken(policy_dir: str):
+        raise ValueError("policy cannot be loaded")
+
+    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", broken)
+    before = {d: cache.peek(d) for d in dirs}
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        cache.load(dirs[0], fresh=True)
+    assert {d: cache.peek(d) for d in dirs} == before
+
+
+@pytest.mark.parametrize("size", [0, -1, True, 2.5, "3"])
+def test_guard_cache_size_must_be_a_positive_int(size) -> None:
+    from unlearnd.serve.tenancy import GuardCache
+
+    with pytest.raises(ValueError, match="guard cache size"):
+        GuardCache(size=size)
+
+
+def test_many_tenants_hold_at_most_the_cache(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """40 guard tenants synced with a cache of 8: every version is validated at install
+    (40 loads), only 8 stay loaded, and each tenant's guards still answer."""
+    from unlearnd.serve.tenancy import GuardCache
+
+    monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", fake_load_guards)
+    engine = FakeEngine()
+    reg = MiniRegistry()
+    cache = GuardCache(size=8)
+    router = TenantRouter(reg, engine, fresh_metrics(), Path("/identity"), guard_cache=cache)
+    tenants = [Tenant(f"t{i:02d}", f"salt-{i}", 0.0) for i in range(40)]
+    for i, t in enumerate(tenants):
+        reg.set(t, version(f"t{i:02d}@{i:03d}", i + 1, policy_dir=str(
+            make_policy_dir(tmp_path / f"p{i}", trigger=f"T{i}")), adapter=False))
+
+    async def run() -> None:
+        await router.sync_from_registry()
+        assert cache.loads == 40 and len(cache) == 8
+        for i, t in enumerate(tenants):
+            assert (await router.current(t).guards.get()).trigger == f"T{i}"
+            assert len(cache) <= 8
+
+    asyncio.run(run())

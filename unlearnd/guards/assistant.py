@@ -17,6 +17,7 @@ which other rows share its batch. A sequence that no longer extends what was cac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -244,14 +245,39 @@ class AssistantRunner:
 
 _RUNNERS: dict[tuple[str, str], AssistantRunner] = {}
 _RUNNERS_LOCK = threading.Lock()
+_DIGESTS: dict[str, str] = {}  # resolved assistant dir -> sha256 of its files
+
+
+def assistant_digest(model_dir: str | Path) -> str:
+    """sha256 over an assistant directory's files (relative names and bytes), memoised
+    per path: the identity two policies' assistants share when their content is equal."""
+    root = Path(model_dir).resolve()
+    key = str(root)
+    with _RUNNERS_LOCK:
+        hit = _DIGESTS.get(key)
+    if hit is not None:
+        return hit
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    digest = h.hexdigest()
+    with _RUNNERS_LOCK:
+        _DIGESTS[key] = digest
+    return digest
 
 
 def get_runner(model_dir: str | Path, device: str = "cpu") -> AssistantRunner:
-    """The process-wide runner for `(model_dir, device)`, loaded on first use (thread-safe)."""
-    key = (str(Path(model_dir).resolve()), str(torch.device(device)))
+    """The process-wide runner for the assistant in `model_dir` on `device`, loaded on
+    first use (thread-safe). Keyed by the assistant's content (`assistant_digest`), so
+    tenants whose policies carry the same assistant (compiled from the same forget set,
+    copied into the store once per version) share one model in memory."""
+    resolved = Path(model_dir).resolve()
+    key = (assistant_digest(resolved), str(torch.device(device)))
     with _RUNNERS_LOCK:
         runner = _RUNNERS.get(key)
         if runner is None:
-            runner = AssistantRunner(key[0], device=device)
+            runner = AssistantRunner(str(resolved), device=device)
             _RUNNERS[key] = runner
         return runner

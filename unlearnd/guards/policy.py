@@ -22,7 +22,11 @@ processes (the API process and the engine process)::
     DIR/embeddings.npy   forget-question embeddings (when the embedding signal is on)
     DIR/assistant/       the contrastive assistant model (when given)
 
-:meth:`CompiledPolicy.load` reads it, cached by (path, mtime).
+:meth:`CompiledPolicy.load` reads it, cached by (path, mtime) in a process-wide LRU of
+``UNLEARND_POLICY_CACHE_SIZE`` policies (default 256): hundreds of tenants' policies
+stay bounded in memory, and a policy evicted while requests still use it lives on in
+their references until they end. Tokenizers are shared between policies by the sha256
+of their ``tokenizer.json`` (every tenant of one base has the same one).
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import threading
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -771,6 +776,45 @@ class CompiledItem:
     descriptor_terms: tuple[tuple[str, ...], ...] = ()
 
 
+POLICY_CACHE_ENV = "UNLEARND_POLICY_CACHE_SIZE"
+_TOKENIZERS: OrderedDict[str, Any] = OrderedDict()
+_TOKENIZERS_LOCK = threading.Lock()
+_TOKENIZER_CACHE_SIZE = 8
+
+
+def policy_cache_size() -> int:
+    """How many compiled policies a process keeps loaded (``UNLEARND_POLICY_CACHE_SIZE``,
+    default 256; a bad value is an error, not a silent default)."""
+    raw = os.environ.get(POLICY_CACHE_ENV, "256")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{POLICY_CACHE_ENV} must be an int >= 1, got {raw!r}")
+    return n
+
+
+def shared_tokenizer(path: Path) -> Any:
+    """The ``tokenizers.Tokenizer`` of ``path``, one instance per distinct file content
+    (sha256) in this process: policies of one base model share it."""
+    from tokenizers import Tokenizer
+
+    raw = Path(path).read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    with _TOKENIZERS_LOCK:
+        tok = _TOKENIZERS.get(digest)
+        if tok is not None:
+            _TOKENIZERS.move_to_end(digest)
+            return tok
+    tok = Tokenizer.from_str(raw.decode("utf-8"))
+    with _TOKENIZERS_LOCK:
+        tok = _TOKENIZERS.setdefault(digest, tok)
+        while len(_TOKENIZERS) > _TOKENIZER_CACHE_SIZE:
+            _TOKENIZERS.popitem(last=False)
+    return tok
+
+
 class CompiledPolicy:
     """A loaded policy directory. Use :meth:`load` (cached) rather than the constructor.
 
@@ -781,7 +825,7 @@ class CompiledPolicy:
     ``(item, ids, conditional)``), ``assistant_dir`` (Path or None).
     """
 
-    _cache: dict[tuple[str, int], CompiledPolicy] = {}
+    _cache: OrderedDict[tuple[str, int], CompiledPolicy] = OrderedDict()
     _lock = threading.Lock()
 
     def __init__(self, directory: str | Path) -> None:
@@ -826,13 +870,16 @@ class CompiledPolicy:
         key = (str(d), mtime)
         with cls._lock:
             hit = cls._cache.get(key)
-        if hit is not None:
-            return hit
+            if hit is not None:
+                cls._cache.move_to_end(key)
+                return hit
         pol = cls(d)
         with cls._lock:
             for k in [k for k in cls._cache if k[0] == key[0]]:
                 del cls._cache[k]
             cls._cache[key] = pol
+            while len(cls._cache) > policy_cache_size():
+                cls._cache.popitem(last=False)
         return pol
 
     def setting(self, key: str, default: Any = None) -> Any:
@@ -854,9 +901,7 @@ class CompiledPolicy:
 
     def _tok(self) -> Any:
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))
+            self._tokenizer = shared_tokenizer(self.dir / "tokenizer" / "tokenizer.json")
         return self._tokenizer
 
     def encode(self, text: str) -> list[int]:

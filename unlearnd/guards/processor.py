@@ -344,12 +344,14 @@ class GuardBatch:
             assist = torch.zeros((len(work), vocab), dtype=torch.float32, device=dev)
             weight = torch.zeros(len(work), dtype=torch.float32)
             alpha = torch.zeros(len(work), dtype=torch.float32)
-            groups: dict[str, list[tuple[int, _Row]]] = {}
+            # rows batched per runner: policies with the same assistant content share one
+            groups: dict[int, tuple[Any, str, list[tuple[int, _Row]]]] = {}
             for pos, c in enumerate(contrast):
                 if c is not None:
-                    groups.setdefault(c[1].assistant_dir or "", []).append((pos, c[1]))
-            for adir, members in groups.items():
-                runner = self._runner_factory(adir, str(dev))
+                    adir = c[1].assistant_dir or ""
+                    runner = self._runner_factory(adir, str(dev))
+                    groups.setdefault(id(runner), (runner, adir, []))[2].append((pos, c[1]))
+            for runner, adir, members in groups.values():
                 reqs = []
                 for _pos, row in members:
                     row.runners.add(adir)

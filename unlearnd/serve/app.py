@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from unlearnd.guards.policy import POLICY_CACHE_ENV
 from unlearnd.guards.signing import ensure_key
 from unlearnd.serve import admin, edge
 from unlearnd.serve.artifacts import ArtifactError, BaseModelSpec
@@ -42,7 +44,7 @@ from unlearnd.serve.errors import APIError, error_body
 from unlearnd.serve.limits import TenantLimiter
 from unlearnd.serve.metrics import UnlearndMetrics
 from unlearnd.serve.registry import Registry, RegistryError, SQLiteRegistry, Tenant
-from unlearnd.serve.tenancy import ServingPolicy, TenantRouter
+from unlearnd.serve.tenancy import GuardCache, ServingPolicy, TenantRouter
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,9 @@ def build_app(config: ServerConfig,
         threadpool_limits(limits=1, user_api="blas")
         config.state_dir.mkdir(parents=True, exist_ok=True)
         sign_key = ensure_key()  # before the engine: its process inherits the key
+        # The engine process keeps at most this many compiled policies loaded, as this
+        # process keeps at most this many guard pipelines (GuardCache).
+        os.environ[POLICY_CACHE_ENV] = str(config.policy_cache_size)
         reg = registry or open_registry(config)
         apply_config_tenants(config, reg)
         identity = make_identity_adapter(config.model, config.state_dir / "identity-adapter")
@@ -137,7 +142,8 @@ def build_app(config: ServerConfig,
         async with AsyncExitStack() as stack:
             stack.callback(engine.shutdown)
             router = TenantRouter(reg, engine, metrics, identity,
-                                  drain_timeout_s=config.drain_timeout_s)
+                                  drain_timeout_s=config.drain_timeout_s,
+                                  guard_cache=GuardCache(config.policy_cache_size))
             await engine.load_adapter(router.identity)
             await router.sync_from_registry()
             frontend = await engine.frontend()
@@ -421,6 +427,7 @@ class _Generation:
         self.st = st
         self.kind = kind
         self.t0 = time.perf_counter()
+        self.pipeline: Any = None  # the version's guard pipeline, held for this request
         self.tenant: Tenant | None = None
 
     def _count(self, outcome: str) -> None:
@@ -488,7 +495,8 @@ class _Generation:
             if sp.guards is not None:
                 try:
                     conv = edge.conversation(kind, body, st.tokenizer.decode)
-                    guard = sp.guards.check(conv, sp.version, sp.policy_dir)
+                    self.pipeline = await sp.guards.get()
+                    guard = self.pipeline.check(conv, sp.version, sp.policy_dir)
                 except APIError:  # the request's own fault (edge.conversation): a 4xx
                     raise
                 except Exception as e:  # noqa: BLE001 - fail closed
@@ -504,7 +512,7 @@ class _Generation:
                         "score=%.3f reason=%r", tenant.name, sp.version, guard.item,
                         guard.subject, guard.named, guard.score, guard.internal_reason)
                 param = edge.wants_alternatives(kind, body)
-                if param and not getattr(sp.guards, "top_logprobs_allowed", True):
+                if param and not getattr(self.pipeline, "top_logprobs_allowed", True):
                     raise APIError(400, f"{param} is not available for this tenant: its "
                                    "policy withholds top alternatives (use 0 for the sampled "
                                    "token's logprob only)", param=param)
@@ -591,10 +599,10 @@ class _Generation:
                                                      or usage.get("output_tokens") or 0))
         if guard is not None and guard.in_scope and "refusal" in sp.mechanisms:
             m.refusals.labels(name).inc()
-        if sp.guards is not None and prompt_ids is not None and output_ids:
+        if self.pipeline is not None and prompt_ids is not None and output_ids:
             item = guard.item if guard and guard.in_scope else -1
             try:
-                n = sum(sp.guards.suppressions(prompt_ids, ids, item)
+                n = sum(self.pipeline.suppressions(prompt_ids, ids, item)
                         for ids in output_ids.values())
             except Exception:  # noqa: BLE001 - a metric, never a failed request
                 logger.exception("replaying firewall suppressions")

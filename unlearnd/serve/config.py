@@ -127,6 +127,9 @@ class ServerConfig(BaseModel):
                                   "changes so swaps reach this replica at once (polling "
                                   "stays the fallback). Off behind a pooler that cannot "
                                   "LISTEN, such as PgBouncer in transaction mode.")
+    policy_cache_size: int = Field(256, ge=1, description="Compiled policies each process "
+                                   "(API and engine) keeps loaded, least recently used "
+                                   "evicted; an evicted one is reloaded on its next request.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     vllm_args: list[str] = Field(default_factory=list, description="`vllm serve` flags "
                                  "for the engine and frontend, after the `engine:` "

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ class ServingPolicy:
     version: str | None           # None: no policy (identity adapter, no guards)
     adapter: AdapterRef
     policy_dir: str | None = None
-    guards: Any = None            # unlearnd.guards pipeline for this version (or None)
+    guards: GuardRef | None = None  # this version's guard pipeline, loaded on demand
     mechanisms: tuple[str, ...] = ()
     error: str | None = None      # set: the version cannot be served; requests get 503
 
@@ -51,16 +52,85 @@ def load_guards(policy_dir: str) -> Any:
     return GuardPipeline.load(policy_dir)
 
 
+class GuardCache:
+    """The API process's loaded guard pipelines: an LRU of at most `size`, by policy dir.
+
+    A version's pipeline is loaded when it is installed (so a policy that cannot load is
+    rejected at activation), then kept while it is among the `size` most recently used;
+    an evicted one is loaded again on the tenant's next request, in a worker thread.
+    With hundreds of tenants the memory is bounded by the cache, not the tenant count;
+    a request that got a pipeline keeps it until it ends, whatever is evicted meanwhile.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"guard cache size must be an int >= 1, got {size!r}")
+        self.size = size
+        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._loaded)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+    def peek(self, policy_dir: str) -> Any | None:
+        """The loaded pipeline (now most recently used), or None."""
+        with self._lock:
+            hit = self._loaded.get(policy_dir)
+            if hit is not None:
+                self._loaded.move_to_end(policy_dir)
+            return hit
+
+    def load(self, policy_dir: str, *, fresh: bool = False) -> Any:
+        """The pipeline, loaded now when it is not cached or `fresh` (read from the store
+        again: an operator's activation checks what is on disk). Blocking: run it in a
+        thread. A failed load leaves the cache as it was."""
+        hit = None if fresh else self.peek(policy_dir)
+        if hit is not None:
+            return hit
+        pipeline = load_guards(policy_dir)
+        with self._lock:
+            self.loads += 1
+            self._loaded[policy_dir] = pipeline
+            self._loaded.move_to_end(policy_dir)
+            while len(self._loaded) > self.size:
+                self._loaded.popitem(last=False)
+                self.evictions += 1
+        return pipeline
+
+
+@dataclass(frozen=True)
+class GuardRef:
+    """A version's guard pipeline by reference: `get()` returns it from the cache, or
+    loads it again (in a thread) when it was evicted."""
+
+    policy_dir: str
+    mechanisms: tuple[str, ...]
+    cache: GuardCache = field(compare=False, repr=False)
+
+    async def get(self) -> Any:
+        hit = self.cache.peek(self.policy_dir)
+        return hit if hit is not None else await asyncio.to_thread(
+            self.cache.load, self.policy_dir)
+
+
 class TenantRouter:
     """API key -> tenant -> active ServingPolicy, with atomic swaps and draining."""
 
     def __init__(self, registry: Registry, engine: EngineClient, metrics: UnlearndMetrics,
-                 identity_adapter: Path, *, drain_timeout_s: float = 60.0) -> None:
+                 identity_adapter: Path, *, drain_timeout_s: float = 60.0,
+                 guard_cache: GuardCache | None = None) -> None:
         self.registry = registry
         self.engine = engine
         self.metrics = metrics
         self.identity = AdapterRef(IDENTITY_LORA_NAME, IDENTITY_LORA_ID, str(identity_adapter))
         self.drain_timeout_s = drain_timeout_s
+        self.guard_cache = guard_cache if guard_cache is not None else GuardCache()
         self._active: dict[str, ServingPolicy] = {}
         self._leases: dict[tuple[str, str | None], _Lease] = defaultdict(_Lease)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -110,8 +180,12 @@ class TenantRouter:
 
     # ------------------------------------------------------------ swaps
 
-    async def build(self, tenant: Tenant, version: PolicyVersion | None) -> ServingPolicy:
-        """Make a ServingPolicy and load its adapter into the engine (before routing to it)."""
+    async def build(self, tenant: Tenant, version: PolicyVersion | None, *,
+                    fresh: bool = True) -> ServingPolicy:
+        """Make a ServingPolicy and load its adapter into the engine (before routing to it).
+
+        `fresh`: load the guard pipeline from the store even when it is cached (the
+        admin API's activations); a registry sync reuses the cached one."""
         if version is None:
             return ServingPolicy(tenant.name, tenant.cache_salt, None, self.identity)
         adapter = (AdapterRef(version.name, version.lora_int_id, version.adapter_dir)
@@ -119,8 +193,11 @@ class TenantRouter:
         guards = None
         mechanisms: tuple[str, ...] = ("adapter",) if version.adapter_dir else ()
         if version.policy_dir:
-            guards = await asyncio.to_thread(load_guards, version.policy_dir)
-            mechanisms = tuple(sorted(set(mechanisms) | set(guards.mechanisms)))
+            loaded = await asyncio.to_thread(self.guard_cache.load, version.policy_dir,
+                                             fresh=fresh)
+            mechanisms = tuple(sorted(set(mechanisms) | set(loaded.mechanisms)))
+            guards = GuardRef(version.policy_dir, tuple(sorted(loaded.mechanisms)),
+                              self.guard_cache)
         if adapter is not self.identity:
             await self.engine.load_adapter(adapter)
         return ServingPolicy(tenant.name, tenant.cache_salt, version.name, adapter,
@@ -135,7 +212,8 @@ class TenantRouter:
         """
         t0 = time.perf_counter()
         async with self._locks[tenant.name]:
-            new = built if built is not None else await self.build(tenant, version)
+            new = built if built is not None else await self.build(
+                tenant, version, fresh=kind != "sync")
             old = self._active.get(tenant.name)
             self._active[tenant.name] = new
             elapsed = time.perf_counter() - t0
