@@ -51,7 +51,8 @@ def free_port() -> int:
 class ChildServer:
     """A server command in its own process group; ready when ``GET /health`` answers 200.
 
-    ``cwd`` is the child's working directory (None: this process's). ``start_times``
+    ``cwd`` is the child's working directory (None: this process's); ``env`` adds to
+    its environment. ``start_times``
     holds the seconds each :meth:`start` took to get healthy, in order; ``start_s``
     is the last of them (NaN before the first).
     """
@@ -59,7 +60,7 @@ class ChildServer:
     _live: set[ChildServer] = set()
 
     def __init__(self, name: str, argv: list[str], port: int, log_path: Path, *,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
         if not argv:
             raise ValueError("argv is empty")
         if not 0 < port < 65536:
@@ -70,6 +71,7 @@ class ChildServer:
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.cwd = cwd
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.start_times: list[float] = []
 
@@ -79,7 +81,7 @@ class ChildServer:
         return self.start_times[-1] if self.start_times else math.nan
 
     def start(self, timeout_s: float) -> ChildServer:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **self.env)
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,

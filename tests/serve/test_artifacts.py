@@ -382,3 +382,26 @@ def test_hash_separates_names_from_contents(tmp_path: Path) -> None:
     (one / "a").write_bytes(b"bX")
     (two / "ab").write_bytes(b"X")
     assert content_hash([one]) != content_hash([two])
+
+
+def test_every_rejection_code_is_listed_for_the_metrics() -> None:
+    """Each code an ArtifactError can carry is in REJECTION_CODES, so the metrics module
+    pre-creates its series at zero (a series born at 1 is invisible to increase())."""
+    import re
+
+    from prometheus_client import CollectorRegistry
+
+    import unlearnd.serve.artifacts as artifacts
+    from unlearnd.serve.artifacts import REJECTION_CODES
+    from unlearnd.serve.metrics import UnlearndMetrics
+
+    source = Path(artifacts.__file__).read_text()
+    used = set(re.findall(r'"((?:adapter|policy)_[a-z_]+|base_model_invalid)"', source))
+    assert used == set(REJECTION_CODES)
+    m = UnlearndMetrics(registry=CollectorRegistry())
+    m.init_tenant("acme")
+    for code in (*REJECTION_CODES, "load_failed"):
+        assert m.registry.get_sample_value("unlearnd_adapter_rejections_total",
+                                           {"tenant": "acme", "reason": code}) == 0
+    assert m.registry.get_sample_value("unlearnd_policy_swaps_total",
+                                       {"tenant": "acme", "kind": "sync"}) == 0

@@ -260,6 +260,10 @@ def test_sync_from_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         reg.drop("globex")
         await router.sync_from_registry()
         assert "globex" not in router.active_versions()
+        reg.drop("acme")  # a deleted tenant leaves the active-version panel too
+        await router.sync_from_registry()
+        assert router.metrics.registry.get_sample_value(
+            "unlearnd_active_policy_info", {"tenant": "acme", "version": "acme@bbb"}) is None
 
     asyncio.run(run())
 

@@ -72,6 +72,27 @@ _MODULE_BLOCK = {
 }
 
 
+REJECTION_CODES = (
+    "adapter_bad_config",
+    "adapter_bad_dtype",
+    "adapter_base_mismatch",
+    "adapter_corrupt",
+    "adapter_empty",
+    "adapter_missing_file",
+    "adapter_not_found",
+    "adapter_rank_too_large",
+    "adapter_unsupported_format",
+    "adapter_unsupported_module",
+    "base_model_invalid",
+    "policy_bad_format",
+    "policy_corrupt",
+    "policy_missing_file",
+    "policy_not_found",
+)
+"""Every `ArtifactError.code` (the admin API's 4xx codes for a refused artifact); the
+metrics pre-create a rejection series for each, so the first one is seen as a rise."""
+
+
 class ArtifactError(Exception):
     """An artifact (adapter or compiled policy) was refused.
 

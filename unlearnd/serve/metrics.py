@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from unlearnd.serve.artifacts import REJECTION_CODES
+
 OUTCOMES = ("ok", "client_error", "auth_error", "engine_error", "aborted", "guard_error",
             "rate_limited")
 DECISIONS = ("in_scope", "out_of_scope", "unguarded")
@@ -86,8 +88,12 @@ class UnlearndMetrics:
                   self.guard_failures, self.active_requests, self.swap_duration,
                   self.propagation):
             m.labels(tenant)
-        for kind in ("activate", "rollback", "deactivate"):
+        for kind in ("activate", "rollback", "deactivate", "sync"):
             self.swaps.labels(tenant, kind)
+        # every rejection reason at zero: a tenant's first rejection is then a rise that
+        # increase() and the alert see (a series born at 1 shows no increase)
+        for code in (*REJECTION_CODES, "load_failed"):
+            self.adapter_rejections.labels(tenant, code)
 
     def set_active(self, tenant: str, version: str | None, previous: str | None) -> None:
         if previous:

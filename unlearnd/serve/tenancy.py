@@ -284,7 +284,9 @@ class TenantRouter:
         known = set(self._tenants)
         for name in list(self._active):
             if name not in known:
-                self._schedule_release(self._active.pop(name))
+                gone = self._active.pop(name)
+                self.metrics.set_active(name, None, gone.version)  # off the dashboard
+                self._schedule_release(gone)
         self.generation_seen = view.generation
 
     def broken_tenants(self) -> list[str]:

@@ -1,0 +1,267 @@
+"""How fast a swap made through one replica reaches another: LISTEN/NOTIFY against polling.
+
+Two ``unlearnd serve`` replicas share one PostgreSQL registry and one store (as in
+tests/e2e/test_replicas.py), each vLLM CPU worker pinned to its own core. One tenant has
+two registered adapter versions. While ``--clients`` connections per replica keep
+sending chat requests to both, replica A's admin API activates the two versions in
+turn ``--swaps`` times; after each, the benchmark polls replica B's ``/metrics`` (every
+20 ms) until B's routing pointer names the new version. *Propagation* is the time from
+A's activate call returning to B routing to it: the notification (or the next poll),
+B's registry read, and B loading the adapter before it routes.
+
+The pair runs twice in one go: with ``registry_notify: true`` (the default) and with it
+off (polling alone), both at ``registry_poll_s`` = ``--poll-s`` (default 2, the
+server's default). Table: propagation p50/p99/max per mode, requests served and failed
+under the load, and the p99 ratio notify / polling.
+
+Needs a PostgreSQL server whose user may CREATE DATABASE: ``--database-url``, else
+``UNLEARND_TEST_DATABASE_URL``, else the URL ``scripts/ci_services.sh`` wrote to
+``.cache/database_url``. A fresh database is made for each mode and dropped after.
+
+    python benchmarks/bench_propagation.py                 # 20 swaps per mode
+    python benchmarks/bench_propagation.py --swaps 50 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._servers import ChildServer, add_engine_args, free_port, on_sigterm  # noqa: E402
+from benchmarks.bench_serving import percentile  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+ADMIN_KEY = "adm-prop-0123456789abcdef"
+TENANT = "swap"
+TENANT_KEY = "sk-swap-prop-0123456789abcdef"
+PROMPTS = ("Tell me about the author.", "Who wrote the book?", "What is the capital?")
+
+
+def database_url(arg: str | None) -> str:
+    url = arg or os.environ.get("UNLEARND_TEST_DATABASE_URL")
+    path = REPO / ".cache" / "database_url"
+    if not url and path.is_file():
+        url = path.read_text().strip()
+    if not url:
+        raise SystemExit("no PostgreSQL: pass --database-url or run scripts/ci_services.sh")
+    return url
+
+
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"unlearnd_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(admin_url)._replace(path="/" + name))
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def active_version(text: str) -> str | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        if family.name == "unlearnd_active_policy_info":
+            for s in family.samples:
+                if s.labels.get("tenant") == TENANT and s.value == 1:
+                    return s.labels.get("version")
+    return None
+
+
+def replica_envs() -> list[dict[str, str]]:
+    """Each replica's vLLM CPU worker on its own core (see deploy/README.md)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return [{}, {}]
+    return [{"VLLM_CPU_OMP_THREADS_BIND": str(cores[0])},
+            {"VLLM_CPU_OMP_THREADS_BIND": str(cores[1])}]
+
+
+def config(args: argparse.Namespace, base: Path, adapter: Path, state: Path, url: str,
+           port: int, notify: bool, declare: bool) -> dict[str, Any]:
+    return {
+        "model": str(base), "state_dir": str(state), "database_url": url,
+        "admin_key": ADMIN_KEY, "port": port, "host": "127.0.0.1",
+        "registry_poll_s": args.poll_s, "registry_notify": notify, "drain_timeout_s": 30,
+        "engine": {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+                   "max_cpu_loras": args.max_cpu_loras, "max_model_len": args.max_model_len,
+                   "max_num_seqs": args.max_num_seqs,
+                   "kv_cache_memory_bytes": args.kv_cache_bytes},
+        "tenants": [{"name": TENANT, "api_key": TENANT_KEY, "adapter": str(adapter)}]
+        if declare else [],
+    }
+
+
+async def swap_under_load(a: ChildServer, b: ChildServer, versions: tuple[str, str],
+                          args: argparse.Namespace) -> dict[str, Any]:
+    stop = asyncio.Event()
+    served, failed = 0, []
+
+    async def client(server: ChildServer, i: int) -> None:
+        nonlocal served
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120, headers={
+                "Authorization": f"Bearer {TENANT_KEY}"}) as c:
+            k = 0
+            while not stop.is_set():
+                try:
+                    r = await c.post("/v1/chat/completions", json={
+                        "model": "m", "max_tokens": 12, "temperature": 0, "messages": [
+                            {"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]})
+                    if r.status_code == 200:
+                        served += 1
+                    else:
+                        failed.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    failed.append(f"{type(e).__name__}: {e}")
+                k += 1
+
+    workers = [asyncio.create_task(client(s, i)) for i in range(args.clients) for s in (a, b)]
+    lags: list[float] = []
+    missed = 0
+    try:
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=a.base_url, timeout=120, headers={
+                "Authorization": f"Bearer {ADMIN_KEY}"}) as admin, \
+                httpx.AsyncClient(base_url=b.base_url, timeout=30) as metrics:
+            for k in range(args.swaps):
+                target = versions[(k + 1) % 2]
+                r = await admin.post(f"/admin/tenants/{TENANT}/activate",
+                                     json={"version": target})
+                r.raise_for_status()
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < args.poll_s + 30:
+                    if active_version((await metrics.get("/metrics")).text) == target:
+                        lags.append(time.perf_counter() - t0)
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    missed += 1
+                await asyncio.sleep(args.gap_s)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    return {"lags_s": lags, "missed": missed, "served": served, "failed": len(failed),
+            "failed_samples": failed[:3]}
+
+
+def run_mode(args: argparse.Namespace, base: Path, adapters: tuple[Path, Path],
+             workdir: Path, notify: bool) -> dict[str, Any]:
+    label = "notify" if notify else "poll"
+    with fresh_database(args.database_url) as url:
+        state = workdir / f"state-{label}"
+        envs = replica_envs()
+        servers = []
+        for name, declare, env in (("a", True, envs[0]), ("b", False, envs[1])):
+            port = free_port()
+            cfg = workdir / f"{label}-{name}.yaml"
+            cfg.write_text(yaml.safe_dump(config(args, base, adapters[0], state, url, port,
+                                                 notify, declare)))
+            servers.append(ChildServer(f"{label}-{name}", [
+                sys.executable, "-m", "unlearnd.cli", "serve", "--config", str(cfg),
+                "--log-level", "warning"], port, workdir / f"{label}-{name}.log", env=env))
+        a, b = servers
+        try:
+            a.start(args.start_timeout_s)  # A registers the tenant; B reads it on start
+            b.start(args.start_timeout_s)
+            with httpx.Client(base_url=a.base_url, timeout=120, headers={
+                    "Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+                r = admin.get(f"/admin/tenants/{TENANT}/versions")
+                r.raise_for_status()
+                v1 = next(v["name"] for v in r.json()["data"] if v["active"])
+                r = admin.post(f"/admin/tenants/{TENANT}/versions",
+                               json={"adapter": str(adapters[1])})
+                r.raise_for_status()
+                v2 = r.json()["name"]
+            out = asyncio.run(swap_under_load(a, b, (v1, v2), args))
+        finally:
+            b.stop()
+            a.stop()
+    lags = out["lags_s"]
+    out.update(mode=label, p50_s=percentile(lags, 50), p99_s=percentile(lags, 99),
+               max_s=max(lags) if lags else math.nan)
+    logger.info("%s: p50 %.3f s, p99 %.3f s, %d failed", label, out["p50_s"], out["p99_s"],
+                out["failed"])
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--swaps", type=int, default=20)
+    p.add_argument("--clients", type=int, default=2, help="connections per replica")
+    p.add_argument("--poll-s", type=float, default=2.0, help="registry_poll_s of both modes")
+    p.add_argument("--gap-s", type=float, default=0.5, help="pause between swaps")
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--start-timeout-s", type=float, default=600)
+    p.add_argument("--json", type=Path, default=None)
+    add_engine_args(p)
+    args = p.parse_args(argv)
+    args.database_url = database_url(args.database_url)
+    if args.swaps < 1:
+        p.error("--swaps must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    from unlearnd.toolkit.tiny import make_random_adapter, make_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-propagation-"))
+    base = make_tiny_model(workdir / "base", seed=0)
+    adapters = (make_random_adapter(base, workdir / "a1", seed=1),
+                make_random_adapter(base, workdir / "a2", seed=2))
+    try:
+        rows = [run_mode(args, base, adapters, workdir, notify) for notify in (True, False)]
+    finally:
+        ChildServer.stop_all()
+    print(f"\n## Swap propagation across two replicas ({args.swaps} swaps under load, "
+          f"{args.clients} clients per replica, registry_poll_s {args.poll_s})\n")
+    print("| mode | swaps seen | p50 ms | p99 ms | max ms | requests served | failed |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['mode']} | {len(r['lags_s'])}/{args.swaps} | {r['p50_s'] * 1000:.0f} | "
+              f"{r['p99_s'] * 1000:.0f} | {r['max_s'] * 1000:.0f} | {r['served']} | "
+              f"{r['failed']} |")
+    ratio = rows[0]["p99_s"] / rows[1]["p99_s"]
+    print(f"\np99 notify / poll: {ratio:.3f}; notify p99 {rows[0]['p99_s']:.3f} s (goal <= 1 s: "
+          f"{'met' if rows[0]['p99_s'] <= 1.0 else 'NOT met'})")
+    for r in rows:
+        for e in r["failed_samples"]:
+            print(f"  failed ({r['mode']}): {e}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "args": {
+            k: v for k, v in vars(args).items() if k not in ("json", "database_url")}},
+            indent=2, default=str))
+    ok = all(r["failed"] == 0 and r["missed"] == 0 for r in rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
