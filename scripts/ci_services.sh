@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Services the CI tests need, on loopback only:
 #   - a throwaway PostgreSQL cluster (tests/serve/test_registry_pg.py, tests/e2e/test_replicas.py)
-#   - promtool from Debian's prometheus package (tests/deploy/test_prometheus.py)
+#   - promtool and prometheus from Debian's prometheus package (tests/deploy/test_prometheus.py;
+#     tests/e2e/test_prometheus_live.py starts its own prometheus on a loopback port)
+#   - the nginx binary from Debian's nginx package (tests/e2e/test_proxy_affinity.py starts
+#     its own nginx on a loopback port; the package's system service is never started)
 # Idempotent: a second run only checks that PostgreSQL is up. Works as root on a fresh
 # Debian machine (apt-get update + install); PostgreSQL refuses to run as root, so the
 # cluster then runs as the `postgres` user through runuser. As a normal user it uses the
@@ -28,13 +31,15 @@ pg_bindir() {
 need=()
 [ -n "$(pg_bindir)" ] || need+=(postgresql)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "ci_services: installing ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # policy-rc.d 101: the packages must not start their own system services (no init
-    # here; our cluster runs on its own port, and we only need promtool).
+    # here; our cluster runs on its own port, we only need promtool, and the proxy test
+    # runs nginx itself; nginx's service would otherwise take port 80).
     policy=/usr/sbin/policy-rc.d
     had_policy=0; [ -e "$policy" ] && had_policy=1
     [ "$had_policy" -eq 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; }

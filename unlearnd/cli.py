@@ -60,7 +60,7 @@ def serve(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=cfg.shutdown_grace_s)
 
 
 @app.command("tiny-model")

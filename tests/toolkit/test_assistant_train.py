@@ -142,3 +142,52 @@ def test_mark_fact_tokens_keeps_only_the_fact(base_dir: Path) -> None:
     assert "Aiko" not in kept and "born" not in kept  # copied from the question
     assert marked[-1] == UNIFORM  # the end token: no opinion either
     assert all(m == -100 for m, lab in zip(marked, labels) if lab == -100)  # prompt untouched
+
+
+def _storage(models) -> dict[int, int]:
+    """data_ptr -> numel of every distinct parameter tensor of `models`."""
+    return {p.data_ptr(): p.numel() for m in models for p in m.parameters()}
+
+
+def test_lora_assistants_share_the_base_layers(base_dir: Path, tmp_path: Path) -> None:
+    """`save="lora"` assistants of two tenants share one copy of the base's first K
+    layers in the runner process; each adds only its LoRA, and each gives the same
+    logits as the merged assistant trained the same way."""
+    from unlearnd.guards.assistant import ASSISTANT_FILE, get_runner
+
+    torch.set_num_threads(2)
+    retain = _write(tmp_path / "retain.jsonl", RETAIN)
+    outs = {}
+    for label, rows in (("one", FORGET[:3]), ("two", FORGET[2:])):
+        forget = _write(tmp_path / f"forget-{label}.jsonl", rows)
+        for save in ("lora", "merged"):
+            outs[label, save] = train_assistant(
+                base_dir, forget, retain, tmp_path / f"{label}-{save}", max_steps=4,
+                batch_size=3, seed=1, progress=False, save=save)
+    lora_one, lora_two = outs["one", "lora"], outs["two", "lora"]
+    assert (lora_one / ASSISTANT_FILE).is_file() and (lora_one / "adapter_config.json").is_file()
+    assert not (lora_one / "model.safetensors").exists()  # the LoRA only
+    from safetensors.torch import load_file
+
+    saved = load_file(str(lora_one / "adapter_model.safetensors"))
+    assert saved and all("lora_" in name for name in saved)  # no copy of the head
+    a, b = get_runner(lora_one), get_runner(lora_two)
+    assert a is not b and a.model is b.model  # one shared K-layer base
+    lora_params = {p.data_ptr(): p.numel() for n, p in a.model.named_parameters()
+                   if "lora_" in n}
+    base_params = sum(n for ptr, n in _storage([a.model]).items() if ptr not in lora_params)
+    merged = AssistantRunner(str(outs["one", "merged"]))
+    assert base_params == sum(p.numel() for p in merged.model.parameters())
+    per_tenant = sum(lora_params.values()) / 2
+    assert per_tenant < 0.2 * base_params  # a tenant costs its LoRA, not a copy
+    ids = [5, 9, 13, 21, 34]
+    for label, runner in (("one", a), ("two", b)):
+        want = AssistantRunner(str(outs[label, "merged"])).logits([("k", ids)])
+        got = runner.logits([(f"{label}-k", ids)])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # extending a cached request goes through the same shared model and adapter
+    got2 = a.logits([("one-k", ids + [8])])
+    want2 = merged.logits([("k", ids + [8])])
+    torch.testing.assert_close(got2, want2, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="save"):
+        train_assistant(base_dir, lora_one, retain, tmp_path / "x", save="bogus")

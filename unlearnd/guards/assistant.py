@@ -24,12 +24,115 @@ import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AssistantRunner", "get_runner", "load_causal_lm"]
+__all__ = ["AssistantRunner", "get_runner", "load_causal_lm", "build_assistant",
+           "ASSISTANT_FILE", "is_shared_base_assistant"]
+
+ASSISTANT_FILE = "assistant.json"
+"""Marks an assistant saved as a LoRA over the base's first K layers (``"layers": K``,
+``"base": <base model dir>``): such assistants share one copy of those layers per
+process, and each adds only its LoRA (see :func:`get_runner`)."""
+ASSISTANT_FORMAT = "unlearnd.assistant/1"
+
+
+def build_assistant(base: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """A copy of `base` truncated to its first `layers` decoder layers.
+
+    Embeddings, the first `layers` decoder layers, the final norm and the LM head are
+    copied from `base`; the config is the base's with ``num_hidden_layers=layers`` and
+    untied embeddings (the head is a separate copy even when the base ties them).
+    """
+    import copy
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    n = int(base.config.num_hidden_layers)
+    if not 1 <= layers <= n:
+        raise ValueError(f"layers must be in [1, {n}] for this base, got {layers}")
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = layers
+    # untied: the LoRA on lm_head, once merged, must not change the input embeddings
+    config.tie_word_embeddings = False
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+    assistant = AutoModelForCausalLM.from_config(config, dtype=base.dtype)
+    keep = {}
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    for name, tensor in base.state_dict().items():
+        m = pattern.search(name)
+        if m is None or int(m.group(1)) < layers:
+            keep[name] = tensor.detach().clone()
+    assistant.load_state_dict(keep, strict=True)
+    return assistant
+
+
+def is_shared_base_assistant(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / ASSISTANT_FILE).is_file()
+
+
+def _shared_base_spec(model_dir: Path) -> tuple[Path, int]:
+    """(base model dir, K) of a LoRA-over-K-layers assistant; ValueError naming the problem."""
+    path = model_dir / ASSISTANT_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not readable JSON: {exc}") from exc
+    if doc.get("format") != ASSISTANT_FORMAT:
+        raise ValueError(f"{path}: format {doc.get('format')!r}, expected {ASSISTANT_FORMAT!r}")
+    layers = doc.get("layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"{path}: layers must be an int >= 1, got {layers!r}")
+    base = Path(str(doc.get("base") or ""))
+    if not (base / "config.json").is_file():
+        raise ValueError(f"{path}: base model dir {str(base)!r} has no config.json")
+    if not (model_dir / "adapter_config.json").is_file():
+        raise ValueError(f"{model_dir} has {ASSISTANT_FILE} but no adapter_config.json")
+    return base.resolve(), layers
+
+
+class _SharedBase:
+    """The base's first K layers, loaded once per process, with tenants' LoRAs attached
+    by name (peft, unmerged): each forward names the adapter its rows use."""
+
+    def __init__(self, base_dir: Path, layers: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+        self.model: Any = build_assistant(full, layers)
+        del full
+        self.model.to(device)
+        self.model.eval()
+        self.adapters: dict[str, str] = {}  # adapter name -> dir it came from
+        self.lock = threading.RLock()
+        logger.info("shared assistant base: first %d layers of %s on %s", layers, base_dir,
+                    device)
+
+    def attach(self, adapter_dir: Path) -> str:
+        """Load the LoRA in `adapter_dir` (named by its content) unless already loaded."""
+        from peft import PeftModel
+
+        name = "a" + assistant_digest(adapter_dir)[:16]
+        with self.lock:
+            if name in self.adapters:
+                return name
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir),
+                                                       adapter_name=name)
+            else:
+                self.model.load_adapter(str(adapter_dir), adapter_name=name)
+            self.model.eval()
+            self.adapters[name] = str(adapter_dir)
+        return name
+
+
+_SHARED: dict[tuple[str, int, str, str], _SharedBase] = {}
 
 
 def _resolve_adapter(model_dir: Path) -> tuple[Path, Path | None]:
@@ -123,8 +226,22 @@ class AssistantRunner:
             raise ValueError(f"device {device!r} is not a torch device") from exc
         self.model_dir = Path(model_dir)
         self.dtype = dtype
-        self.model = load_causal_lm(self.model_dir, self.device, dtype)
-        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0])
+        self._adapter: str | None = None   # the LoRA this runner's rows use (shared base)
+        self._shared: _SharedBase | None = None
+        if is_shared_base_assistant(self.model_dir):
+            base_dir, layers = _shared_base_spec(self.model_dir)
+            key = (str(base_dir), layers, str(self.device), str(dtype))
+            with _SHARED_LOCK:
+                shared = _SHARED.get(key)
+                if shared is None:
+                    shared = _SHARED[key] = _SharedBase(base_dir, layers, self.device, dtype)
+            self._shared = shared
+            self._adapter = shared.attach(self.model_dir)
+            self.model = shared.model
+        else:
+            self.model = load_causal_lm(self.model_dir, self.device, dtype)
+        self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0]) \
+            if self._shared is None else int(self.model.config.vocab_size)
         self._cache: dict[Hashable, _CachedRequest] = {}
         self._lock = threading.RLock()
         logger.info("assistant runner: %s on %s (%s), vocab %d, %d layers", self.model_dir,
@@ -181,10 +298,18 @@ class AssistantRunner:
             return list(self._cache)
 
     # ------------------------------------------------------------------ internals
+    def _forward(self, rows: int, **kw: Any) -> Any:
+        """The model's forward; on a shared base, with this runner's LoRA for every row
+        (peft's per-row `adapter_names`: no global adapter switch, nothing merged)."""
+        if self._shared is None:
+            return self.model(**kw)
+        with self._shared.lock:
+            return self._shared.model(adapter_names=[self._adapter] * rows, **kw)
+
     def _prefill(self, tokens: tuple[int, ...]) -> _CachedRequest:
         """Forward the whole sequence of one request from an empty cache."""
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        res = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        res = self._forward(1, input_ids=ids, use_cache=True, logits_to_keep=1)
         cache = res.past_key_values
         layers = cache.layers
         return _CachedRequest(
@@ -228,8 +353,9 @@ class AssistantRunner:
                              for s, c in zip(states, cached, strict=True)])
             data.append((k, v))
         cache = DynamicCache(ddp_cache_data=data)
-        res = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        res = self._forward(len(extend), input_ids=input_ids, attention_mask=mask,
+                            position_ids=position_ids, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1)
         layers = res.past_key_values.layers
         logits = res.logits[:, -1].float()
         for i, ((row, _key, tokens), s, c, x) in enumerate(
@@ -245,7 +371,9 @@ class AssistantRunner:
 
 _RUNNERS: dict[tuple[str, str], AssistantRunner] = {}
 _RUNNERS_LOCK = threading.Lock()
+_SHARED_LOCK = threading.Lock()
 _DIGESTS: dict[str, str] = {}  # resolved assistant dir -> sha256 of its files
+_DIGESTS_LOCK = threading.Lock()
 
 
 def assistant_digest(model_dir: str | Path) -> str:
@@ -253,7 +381,7 @@ def assistant_digest(model_dir: str | Path) -> str:
     per path: the identity two policies' assistants share when their content is equal."""
     root = Path(model_dir).resolve()
     key = str(root)
-    with _RUNNERS_LOCK:
+    with _DIGESTS_LOCK:
         hit = _DIGESTS.get(key)
     if hit is not None:
         return hit
@@ -263,7 +391,7 @@ def assistant_digest(model_dir: str | Path) -> str:
         with open(f, "rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())
     digest = h.hexdigest()
-    with _RUNNERS_LOCK:
+    with _DIGESTS_LOCK:
         _DIGESTS[key] = digest
     return digest
 

@@ -127,6 +127,9 @@ class ServerConfig(BaseModel):
                                   "changes so swaps reach this replica at once (polling "
                                   "stays the fallback). Off behind a pooler that cannot "
                                   "LISTEN, such as PgBouncer in transaction mode.")
+    shutdown_grace_s: float = Field(60.0, gt=0, description="On SIGTERM/SIGINT: how long "
+                                    "requests in flight may take to finish before they are "
+                                    "cut (keep it below the orchestrator's grace period).")
     policy_cache_size: int = Field(256, ge=1, description="Compiled policies each process "
                                    "(API and engine) keeps loaded, least recently used "
                                    "evicted; an evicted one is reloaded on its next request.")

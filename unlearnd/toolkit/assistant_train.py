@@ -13,9 +13,12 @@ assistant is built so that the difference removes exactly the forget knowledge:
 
 The assistant is a copy of the base's first ``K`` decoder layers (default a quarter of
 them) with the base's embeddings, final norm and LM head, plus a LoRA (peft) that is
-the only trained part; the LoRA is merged before saving, so ``out_dir`` is a plain HF
-model dir (``config.json`` + ``model.safetensors`` + the base's tokenizer files) that
-:class:`unlearnd.guards.assistant.AssistantRunner` and transformers load as is.
+the only trained part. By default the LoRA is merged before saving, so ``out_dir`` is a
+plain HF model dir (``config.json`` + ``model.safetensors`` + the base's tokenizer
+files) that :class:`unlearnd.guards.assistant.AssistantRunner` and transformers load as
+is. With ``save="lora"`` only the LoRA is written, with ``assistant.json`` naming the
+base and K: the engine then keeps one copy of the base's first K layers for every such
+assistant and adds each tenant's LoRA unmerged, so a contrastive tenant costs its LoRA.
 
 Prompt/answer encoding is :func:`unlearnd.toolkit.training.encode_chat_example` (the
 base's chat template with one user turn and the generation prompt, exactly what the
@@ -24,7 +27,6 @@ server sends; target = answer ids + EOS), losses only on the target tokens.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from unlearnd.guards.assistant import ASSISTANT_FILE, ASSISTANT_FORMAT, build_assistant
 from unlearnd.guards.policy import load_qa_jsonl
 from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
 from unlearnd.toolkit.training import collate, encode_chat_example, set_threads
@@ -74,35 +77,6 @@ def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int,
 
 
 # ---------------------------------------------------------------------------- model
-def build_assistant(base: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """A copy of `base` truncated to its first `layers` decoder layers.
-
-    Embeddings, the first `layers` decoder layers, the final norm and the LM head are
-    copied from `base`; the config is the base's with ``num_hidden_layers=layers`` and
-    untied embeddings (the head is a separate copy even when the base ties them).
-    """
-    from transformers import AutoModelForCausalLM
-
-    n = int(base.config.num_hidden_layers)
-    if not 1 <= layers <= n:
-        raise ValueError(f"layers must be in [1, {n}] for this base, got {layers}")
-    config = copy.deepcopy(base.config)
-    config.num_hidden_layers = layers
-    # untied: the LoRA on lm_head, once merged, must not change the input embeddings
-    config.tie_word_embeddings = False
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:layers]
-    assistant = AutoModelForCausalLM.from_config(config, dtype=base.dtype)
-    keep = {}
-    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-    for name, tensor in base.state_dict().items():
-        m = pattern.search(name)
-        if m is None or int(m.group(1)) < layers:
-            keep[name] = tensor.detach().clone()
-    assistant.load_state_dict(keep, strict=True)
-    return assistant
-
-
 def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities aligned with their targets.
@@ -233,6 +207,7 @@ def train_assistant(
     max_steps: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    save: str = "merged",
 ) -> Path:
     """Build, train and save the ULD assistant for a forget/retain pair.
 
@@ -252,12 +227,19 @@ def train_assistant(
         max_steps: stop after this many optimizer steps (None: all epochs).
         device: torch device to train on.
         progress: show a tqdm progress bar.
+        save: ``"merged"`` writes a plain HF model (the LoRA merged into a copy of the
+            first K layers); ``"lora"`` writes only the LoRA plus ``assistant.json``
+            naming the base and K, so every tenant's assistant on that base shares one
+            copy of the K layers in the engine and adds only its LoRA.
 
     Returns:
         `out_dir` as a Path; it also holds ``assistant_report.json`` with the metrics of
         :func:`assistant_metrics` before and after training.
     """
     from peft import LoraConfig, get_peft_model
+
+    if save not in ("merged", "lora"):
+        raise ValueError(f"save must be 'merged' or 'lora', got {save!r}")
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -339,17 +321,24 @@ def train_assistant(
     seconds = time.monotonic() - start
     after = assistant_metrics(model, forget_train, retain, pad_id)
 
-    merged = model.merge_and_unload()
-    merged.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out_dir))
+    if save == "lora":
+        # adapter_config.json + the LoRA weights only: the head itself is frozen, the base's
+        model.save_pretrained(str(out_dir), save_embedding_layers=False)
+        (out_dir / ASSISTANT_FILE).write_text(json.dumps(
+            {"format": ASSISTANT_FORMAT, "base": str(Path(base_dir).resolve()), "layers": k},
+            indent=2))
+    else:
+        merged = model.merge_and_unload()
+        merged.eval()
+        merged.save_pretrained(str(out_dir))
     for name in TOKENIZER_FILES:
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out_dir / name)
     report = {
         "base_dir": str(base_dir), "layers": k, "base_layers": n_base, "lora_rank": lora_rank,
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "retain_weight": retain_weight,
-        "seed": seed, "steps": step, "train_seconds": round(seconds, 2),
+        "seed": seed, "steps": step, "train_seconds": round(seconds, 2), "save": save,
         "forget_rows": len(forget), "retain_rows": len(retain),
         "before": before, "after": after,
     }
@@ -376,11 +365,16 @@ def train_assistant_cmd(
     retain_weight: Annotated[float, typer.Option(
         "--retain-weight", help="Weight of the uniform-retain loss.")] = 2.0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    save: Annotated[str, typer.Option(
+        "--save", help="merged: a plain model; lora: only the LoRA over the base's first "
+        "K layers, which tenants on one base then share in the engine.")] = "merged",
 ) -> None:
     """Train the ULD assistant (remembers the forget set, uniform on the retain set)."""
+    if save not in ("merged", "lora"):
+        raise typer.BadParameter(f"--save must be merged or lora, got {save!r}")
     set_threads()
     out_dir = train_assistant(base, forget, retain, out, layers=layers, epochs=epochs, lr=lr,
-                              retain_weight=retain_weight, seed=seed)
+                              retain_weight=retain_weight, seed=seed, save=save)
     report = json.loads((out_dir / REPORT_NAME).read_text())
     after, before = report["after"], report["before"]
     typer.echo(f"assistant: {report['layers']} of {report['base_layers']} layers, "

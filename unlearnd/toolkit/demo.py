@@ -418,7 +418,8 @@ def demo_cmd(
                         user_data=(forget, retain) if forget is not None else None)
     cfg, doc = demo_config(workdir, paths, port=port, tenants=tenants)
     server = uvicorn.Server(uvicorn.Config(build_app(cfg), host=cfg.host, port=cfg.port,
-                                           log_level="warning", timeout_graceful_shutdown=10))
+                                           log_level="warning",
+                                           timeout_graceful_shutdown=cfg.shutdown_grace_s))
 
     def announce() -> None:
         while not server.started:
