@@ -26,11 +26,15 @@ time: they would fight over the cores) and puts the same load on each:
   (the largest count, every tenant guard-only, one request each so the engine has
   loaded every policy) gives the memory of a guard-only tenant in each process.
 
-- **Baseline,** measured in the same run: a server with three tenants, one per kind
-  (0, 1, 2), serving every count's exact request list with each tenant replaced by the
-  representative of its kind. The same mechanisms do the same work per request; only
-  the number of versions differs. (One tenant alone would be one kind only: an
-  adapter-only baseline against a mix that is three quarters guard policies.)
+- **Baseline,** measured on the same server in the same run: rounds alternate the
+  count's own request list with the same list mapped onto tenants 0, 1, 2 (one per
+  kind: each request goes to the representative of its tenant's kind, an in-scope
+  question becomes the representative's own). The same mechanisms do the same work
+  per request on the same engine; only the number of versions the traffic spreads
+  over differs (adapter slots and CPU cache, policy caches, prefix-cache salts). Two
+  servers up at once would not do: an idle vLLM CPU worker keeps spinning on a core.
+  Across counts the baseline rows also show what merely registering more tenants
+  costs (each count is its own server, measured one after another).
 
 Table: requests/s and output tokens/s, ratio against the baseline (same requests),
 TTFT and latency p50/p99, adapters registered against the LoRA slots, wrong-version
@@ -375,45 +379,36 @@ def plans(args: argparse.Namespace, world: World) -> dict[tuple[int, str], list]
 
 
 def measure(args: argparse.Namespace, world: World, workdir: Path) -> list[Row]:
-    """Per count: its server and the baseline server (tenants 0-2) both up, `--rounds`
-    rounds alternating baseline and count (B N, N B, ...) so drift in the machine's
-    load hits both alike; each round runs the plan (mapped to the representatives on
-    the baseline). Rows pool the rounds; the ratio is the median of per-round ratios."""
+    """Per count, one server and `--rounds` rounds alternating the two plans (B N, N B,
+    ...): the count's own requests, and the same requests mapped onto tenants 0-2 (the
+    baseline: three versions, one per kind). Same engine, same requests, only the
+    number of versions the traffic spreads over differs. Rows pool the rounds; the
+    ratio is the median of the per-round ratios."""
     todo = plans(args, world)
     rows = []
-    baseline = start_server(args, world, 3, workdir, "baseline")
-    try:
-        expected_base = active_versions(baseline, 3)
-        warm_up(baseline, args)
-        for n in args.counts:
-            server = start_server(args, world, n, workdir, str(n))
-            try:
-                expected = active_versions(server, n)
-                warm_up(server, args)
-                for dist in ("uniform", "zipf"):
-                    jobs = todo[(n, dist)]
-                    mapped = representatives(world, jobs)
-                    runs: dict[str, list[tuple[list[Result], float]]] = {"b": [], "n": []}
-                    for k in range(args.rounds):
-                        order = ("b", "n") if k % 2 == 0 else ("n", "b")
-                        for side in order:
-                            target, plan = (baseline, mapped) if side == "b" else (server, jobs)
-                            runs[side].append(asyncio.run(run_load(
-                                target, plan, args.concurrency, args.max_tokens)))
-                    base = summarise(f"baseline for {n}", dist, runs["b"], expected_base,
-                                     world, baseline)
-                    row = summarise(str(n), dist, runs["n"], expected, world, server)
-                    row.ratio = statistics.median(
-                        _tps(rn) / _tps(rb) for rb, rn in zip(runs["b"], runs["n"],
-                                                             strict=True))
-                    logger.info("%d tenants %s: %.2f req/s (ratio %.3f), %d errors, %d "
-                                "wrong", n, dist, row.req_per_s, row.ratio, row.errors,
-                                row.wrong_version)
-                    rows += [base, row]
-            finally:
-                server.stop()
-    finally:
-        baseline.stop()
+    for n in args.counts:
+        server = start_server(args, world, n, workdir, str(n))
+        try:
+            expected = active_versions(server, n)
+            warm_up(server, args)
+            for dist in ("uniform", "zipf"):
+                jobs = todo[(n, dist)]
+                mapped = representatives(world, jobs) if n >= 3 else jobs
+                runs: dict[str, list[tuple[list[Result], float]]] = {"b": [], "n": []}
+                for k in range(args.rounds):
+                    for side in (("b", "n") if k % 2 == 0 else ("n", "b")):
+                        runs[side].append(asyncio.run(run_load(
+                            server, mapped if side == "b" else jobs, args.concurrency,
+                            args.max_tokens)))
+                base = summarise(f"{n}: baseline", dist, runs["b"], expected, world, server)
+                row = summarise(str(n), dist, runs["n"], expected, world, server)
+                row.ratio = statistics.median(
+                    _tps(rn) / _tps(rb) for rb, rn in zip(runs["b"], runs["n"], strict=True))
+                logger.info("%d tenants %s: %.2f req/s (ratio %.3f), %d errors, %d wrong",
+                            n, dist, row.req_per_s, row.ratio, row.errors, row.wrong_version)
+                rows += [base, row]
+        finally:
+            server.stop()
     return rows
 
 
@@ -512,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## Tenants on one engine\n")
     print(table(rows, args))
     print(f"\nratio: median over {args.rounds} alternating rounds of output tokens/s "
-          "against the baseline server (tenants 0-2, one per kind) serving the same "
-          "requests mapped to the representative of each tenant's kind")
+          "against the baseline rows: the same server serving the same requests mapped "
+          "onto tenants 0-2 (one per kind)")
     if guard_mem:
         print(f"\nguard-only tenants ({n_max} against 1, every policy used): API "
               f"{guard_mem['api_mib_per_tenant']:.2f} MiB per tenant, engine "
