@@ -42,6 +42,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, default=256 * 1024 * 1024)
 
 
+def engine_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``engine:`` section of an unlearnd config from :func:`add_engine_args`' options
+    (float32, eager, prefix caching, seed 0: what every benchmark server runs with)."""
+    return {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+            "max_cpu_loras": args.max_cpu_loras, "max_model_len": args.max_model_len,
+            "max_num_seqs": args.max_num_seqs, "dtype": "float32",
+            "kv_cache_memory_bytes": args.kv_cache_bytes,
+            "enable_prefix_caching": True, "enforce_eager": True, "seed": 0}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -47,7 +47,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._servers import ChildServer, add_engine_args, free_port, on_sigterm  # noqa: E402
+from benchmarks._servers import (  # noqa: E402
+    ChildServer,
+    add_engine_args,
+    engine_config,
+    free_port,
+    on_sigterm,
+)
 from benchmarks.bench_serving import percentile  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -108,10 +114,7 @@ def config(args: argparse.Namespace, base: Path, adapter: Path, state: Path, url
         "model": str(base), "state_dir": str(state), "database_url": url,
         "admin_key": ADMIN_KEY, "port": port, "host": "127.0.0.1",
         "registry_poll_s": args.poll_s, "registry_notify": notify, "drain_timeout_s": 30,
-        "engine": {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
-                   "max_cpu_loras": args.max_cpu_loras, "max_model_len": args.max_model_len,
-                   "max_num_seqs": args.max_num_seqs,
-                   "kv_cache_memory_bytes": args.kv_cache_bytes},
+        "engine": engine_config(args),
         "tenants": [{"name": TENANT, "api_key": TENANT_KEY, "adapter": str(adapter)}]
         if declare else [],
     }

@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._servers import (  # noqa: E402
     ChildServer,
     add_engine_args,
+    engine_config,
     free_port,
     on_sigterm,
 )
@@ -384,11 +385,7 @@ def unlearnd_config(args: argparse.Namespace, port: int, state_dir: Path) -> dic
     return {
         "model": str(args.model), "served_model_name": "base", "state_dir": str(state_dir),
         "admin_key": ADMIN_KEY, "port": port, "host": "127.0.0.1",
-        "engine": {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
-                   "max_cpu_loras": args.max_cpu_loras, "max_model_len": args.max_model_len,
-                   "max_num_seqs": args.max_num_seqs, "dtype": "float32",
-                   "kv_cache_memory_bytes": args.kv_cache_bytes,
-                   "enable_prefix_caching": True, "enforce_eager": True, "seed": 0},
+        "engine": engine_config(args),
         "tenants": [{"name": TENANT, "api_key": TENANT_KEY, "adapter": str(args.adapter)}],
     }
 
