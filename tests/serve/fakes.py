@@ -376,6 +376,9 @@ def make_config(state_dir: Path, **overrides: Any) -> Any:
         "admin_key": ADMIN_KEY,
         "registry_poll_s": 0.2,
         "drain_timeout_s": 5.0,
+        # swapped-out adapters are released once drained, as the swap tests watch
+        # (keeping previous versions loaded: tests/serve/test_tenancy.py)
+        "keep_previous_versions": 0,
         "tenants": [{"name": name, "api_key": key} for name, key in KEYS.items()],
     }
     data.update(overrides)

@@ -80,11 +80,13 @@ class MiniRegistry:
                                 {t.name: self.changed_at.get(t.name) for t in tenants})
 
 
-def make_router(drain_timeout_s: float = 5.0) -> tuple[TenantRouter, FakeEngine, MiniRegistry]:
+def make_router(drain_timeout_s: float = 5.0, keep_previous: int = 0
+                ) -> tuple[TenantRouter, FakeEngine, MiniRegistry]:
+    """keep_previous=0 by default: the release tests watch every swapped-out adapter go."""
     engine = FakeEngine()
     reg = MiniRegistry()
     router = TenantRouter(reg, engine, fresh_metrics(), Path("/identity"),
-                          drain_timeout_s=drain_timeout_s)
+                          drain_timeout_s=drain_timeout_s, keep_previous=keep_previous)
     return router, engine, reg
 
 
@@ -512,3 +514,42 @@ def test_many_tenants_hold_at_most_the_cache(monkeypatch: pytest.MonkeyPatch,
             assert len(cache) <= 8
 
     asyncio.run(run())
+
+
+def test_kept_previous_version_makes_a_synced_rollback_a_pointer_move() -> None:
+    """keep_previous=1: the version swapped out stays loaded, so a rollback that reaches
+    this replica through the registry loads nothing; the one before it is released
+    once drained; an operator's activation here still loads (checks the store copy)."""
+    async def run() -> None:
+        router, engine, reg = make_router(keep_previous=1)
+        v1, v2, v3 = (version(f"acme@{c * 3}", i + 1) for i, c in enumerate("abc"))
+        for v in (v1, v2):
+            reg.set(ACME, v)
+            await router.sync_from_registry()
+        await settle()
+        assert engine.released == []  # v1 kept
+        loads = list(engine.loaded)
+        reg.set(ACME, v1)  # rolled back through another replica
+        await router.sync_from_registry()
+        await settle()
+        assert router.current(ACME).version == "acme@aaa"
+        assert engine.loaded == loads and engine.released == []  # no load, v2 kept
+        reg.set(ACME, v3)
+        await router.sync_from_registry()
+        await settle()
+        assert engine.released == ["acme@bbb"]  # fell off the end: v1 is the kept one
+        await router.install(ACME, v1)  # an operator's activation: loads again
+        assert engine.loaded.count("acme@aaa") == loads.count("acme@aaa") + 1
+        reg.drop("acme")
+        await router.sync_from_registry()
+        await settle()
+        assert sorted(engine.released) == ["acme@aaa", "acme@bbb", "acme@ccc"]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5])
+def test_keep_previous_must_be_a_count(bad) -> None:
+    with pytest.raises(ValueError, match="keep_previous"):
+        TenantRouter(MiniRegistry(), FakeEngine(), fresh_metrics(), Path("/identity"),
+                     keep_previous=bad)

@@ -143,7 +143,8 @@ def build_app(config: ServerConfig,
             stack.callback(engine.shutdown)
             router = TenantRouter(reg, engine, metrics, identity,
                                   drain_timeout_s=config.drain_timeout_s,
-                                  guard_cache=GuardCache(config.policy_cache_size))
+                                  guard_cache=GuardCache(config.policy_cache_size),
+                                  keep_previous=config.keep_previous_versions)
             await engine.load_adapter(router.identity)
             await router.sync_from_registry()
             frontend = await engine.frontend()

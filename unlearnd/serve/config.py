@@ -127,6 +127,9 @@ class ServerConfig(BaseModel):
                                   "changes so swaps reach this replica at once (polling "
                                   "stays the fallback). Off behind a pooler that cannot "
                                   "LISTEN, such as PgBouncer in transaction mode.")
+    keep_previous_versions: int = Field(1, ge=0, description="Previously active versions "
+                                        "per tenant whose adapters stay loaded, so a "
+                                        "rollback is a pointer move on every replica.")
     shutdown_grace_s: float = Field(60.0, gt=0, description="On SIGTERM/SIGINT: how long "
                                     "requests in flight may take to finish before they are "
                                     "cut (keep it below the orchestrator's grace period).")

@@ -124,7 +124,16 @@ class TenantRouter:
 
     def __init__(self, registry: Registry, engine: EngineClient, metrics: UnlearndMetrics,
                  identity_adapter: Path, *, drain_timeout_s: float = 60.0,
-                 guard_cache: GuardCache | None = None) -> None:
+                 guard_cache: GuardCache | None = None, keep_previous: int = 1) -> None:
+        """`keep_previous`: how many of a tenant's previously active versions stay loaded
+        (their adapters in the engine), so that swapping back to one (a rollback, here or
+        through another replica) is a pointer move, with no adapter load in the engine's
+        queue. Older ones are released once their requests drain."""
+        if isinstance(keep_previous, bool) or not isinstance(keep_previous, int) \
+                or keep_previous < 0:
+            raise ValueError(f"keep_previous must be an int >= 0, got {keep_previous!r}")
+        self.keep_previous = keep_previous
+        self._previous: dict[str, list[ServingPolicy]] = {}  # newest first, none active
         self.registry = registry
         self.engine = engine
         self.metrics = metrics
@@ -184,8 +193,9 @@ class TenantRouter:
                     fresh: bool = True) -> ServingPolicy:
         """Make a ServingPolicy and load its adapter into the engine (before routing to it).
 
-        `fresh`: load the guard pipeline from the store even when it is cached (the
-        admin API's activations); a registry sync reuses the cached one."""
+        `fresh`: load the guard pipeline from the store even when it is cached, and the
+        adapter even when it is held (the admin API's activations); a registry sync reuses
+        both."""
         if version is None:
             return ServingPolicy(tenant.name, tenant.cache_salt, None, self.identity)
         adapter = (AdapterRef(version.name, version.lora_int_id, version.adapter_dir)
@@ -198,7 +208,11 @@ class TenantRouter:
             mechanisms = tuple(sorted(set(mechanisms) | set(loaded.mechanisms)))
             guards = GuardRef(version.policy_dir, tuple(sorted(loaded.mechanisms)),
                               self.guard_cache)
-        if adapter is not self.identity:
+        # A sync onto a version this replica still holds (a rollback made elsewhere) is
+        # a pointer move; an operator's activation here loads it again, so a store copy
+        # that went missing is found now, not by a later request.
+        if adapter is not self.identity and (fresh or not self._holds(tenant.name,
+                                                                      version.name)):
             await self.engine.load_adapter(adapter)
         return ServingPolicy(tenant.name, tenant.cache_salt, version.name, adapter,
                              version.policy_dir, guards, mechanisms)
@@ -220,9 +234,27 @@ class TenantRouter:
             self.metrics.swaps.labels(tenant.name, kind).inc()
             self.metrics.swap_duration.labels(tenant.name).observe(elapsed)
             self.metrics.set_active(tenant.name, new.version, old.version if old else None)
-        if old is not None and old.version != new.version:
-            self._schedule_release(old)
+        self._retire(tenant.name, new, old)
         return new, elapsed
+
+    def _holds(self, tenant: str, version: str) -> bool:
+        """True when the version's adapter is loaded for the tenant: it is active or one
+        of the kept previous versions (vLLM may still have moved it out of its CPU
+        cache; a request then reloads it from the store)."""
+        cur = self._active.get(tenant)
+        if cur is not None and cur.version == version and not cur.error:
+            return True
+        return any(sp.version == version for sp in self._previous.get(tenant, ()))
+
+    def _retire(self, tenant: str, new: ServingPolicy, old: ServingPolicy | None) -> None:
+        """`old` (just swapped out) joins the tenant's kept versions; what falls off the
+        end of `keep_previous` is released after its requests drain."""
+        kept = [sp for sp in self._previous.get(tenant, ()) if sp.version != new.version]
+        if old is not None and old.version != new.version and not old.error:
+            kept = [old, *[sp for sp in kept if sp.version != old.version]]
+        self._previous[tenant] = kept[:self.keep_previous]
+        for sp in kept[self.keep_previous:]:
+            self._schedule_release(sp)
 
     def _schedule_release(self, old: ServingPolicy) -> None:
         if old.adapter is self.identity:
@@ -240,9 +272,8 @@ class TenantRouter:
             except TimeoutError:
                 logger.warning("adapter %s still had %d requests after %.0fs; releasing",
                                old.version, lease.count, self.drain_timeout_s)
-        if self._active.get(old.tenant) is not None and \
-                self._active[old.tenant].version == old.version:
-            return  # re-activated meanwhile
+        if self._holds(old.tenant, old.version):
+            return  # re-activated (or kept again) meanwhile
         try:
             await self.engine.release_adapter(old.adapter)
         except Exception:  # noqa: BLE001 - release is best effort; vLLM's LRU evicts anyway
@@ -286,7 +317,8 @@ class TenantRouter:
             if name not in known:
                 gone = self._active.pop(name)
                 self.metrics.set_active(name, None, gone.version)  # off the dashboard
-                self._schedule_release(gone)
+                for sp in (gone, *self._previous.pop(name, ())):
+                    self._schedule_release(sp)
         self.generation_seen = view.generation
 
     def broken_tenants(self) -> list[str]:
