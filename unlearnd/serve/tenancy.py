@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,9 @@ class TenantRouter:
         self._keys: dict[str, str] = {}          # sha256(key) -> tenant (last good state)
         self._tenants: dict[str, Tenant] = {}
         self.generation_seen = -1
+        # Registry reads get their own thread: in the default pool they would queue
+        # behind whatever else the process runs there under load.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="unlearnd-registry")
 
     # ------------------------------------------------------------ lookup
 
@@ -287,7 +291,8 @@ class TenantRouter:
         (adapter loaded first) and `unlearnd_policy_propagation_seconds` records how
         long after the registry's pointer moved this replica started serving it.
         """
-        view = await asyncio.to_thread(self.registry.snapshot, self.generation_seen)
+        view = await asyncio.get_running_loop().run_in_executor(
+            self._reader, self.registry.snapshot, self.generation_seen)
         if view is None:
             return
         self._tenants = {t.name: t for t in view.tenants}
