@@ -143,14 +143,21 @@ class ChildServer:
             out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / tick
         return out
 
+    def rss_by_process(self) -> dict[str, float]:
+        """Resident MiB of the live processes of the group, by name (``api``: the leader)."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        out: dict[str, float] = {}
+        for _, name, f in self._group():
+            out[name] = out.get(name, 0.0) + int(f[21]) * page / 2**20
+        return out
+
     def cpu_seconds(self) -> float:
         """Total CPU seconds of the live processes in this server's process group."""
         return sum(self.cpu_by_process().values())
 
     def rss_gib(self) -> float:
         """Resident memory of the live processes of the group, GiB."""
-        page = os.sysconf("SC_PAGE_SIZE")
-        return sum(int(f[21]) for _, _, f in self._group()) * page / 2**30
+        return sum(self.rss_by_process().values()) / 1024
 
     def tail(self, n: int = 4000) -> str:
         try:

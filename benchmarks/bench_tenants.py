@@ -318,17 +318,9 @@ class Row:
 
 def rss_by_role(server: ChildServer) -> tuple[float, float]:
     """(API process, engine processes) resident MiB of the server's process group."""
-    import os
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    api = engine = 0.0
-    for _, name, f in server._group():
-        mib = int(f[21]) * page / 2**20
-        if name == "api":
-            api += mib
-        else:
-            engine += mib
-    return api, engine
+    rss = server.rss_by_process()
+    api = rss.pop("api", 0.0)
+    return api, sum(rss.values())
 
 
 def summarise(n: str, dist: str, runs: list[tuple[list[Result], float]],

@@ -345,11 +345,15 @@ class GuardBatch:
             weight = torch.zeros(len(work), dtype=torch.float32)
             alpha = torch.zeros(len(work), dtype=torch.float32)
             # rows batched per runner: policies with the same assistant content share one
+            # (the factory is asked once per assistant dir and step, not once per row)
+            by_dir: dict[str, Any] = {}
             groups: dict[int, tuple[Any, str, list[tuple[int, _Row]]]] = {}
             for pos, c in enumerate(contrast):
                 if c is not None:
                     adir = c[1].assistant_dir or ""
-                    runner = self._runner_factory(adir, str(dev))
+                    if adir not in by_dir:
+                        by_dir[adir] = self._runner_factory(adir, str(dev))
+                    runner = by_dir[adir]
                     groups.setdefault(id(runner), (runner, adir, []))[2].append((pos, c[1]))
             for runner, adir, members in groups.values():
                 reqs = []
