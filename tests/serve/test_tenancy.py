@@ -455,7 +455,7 @@ def test_guard_cache_evicts_least_recently_used_and_reloads(monkeypatch: pytest.
     monkeypatch.setattr("unlearnd.serve.tenancy.load_guards", counting_load)
     dirs = [str(make_policy_dir(tmp_path / f"p{i}", trigger=f"T{i}")) for i in range(3)]
     cache = GuardCache(size=2)
-    refs = [GuardRef(d, ("refusal",), cache) for d in dirs]
+    refs = [GuardRef(d, cache) for d in dirs]
 
     async def run() -> None:
         held = await refs[0].get()

@@ -75,10 +75,6 @@ class GuardCache:
     def __len__(self) -> int:
         return len(self._loaded)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._loaded.clear()
-
     def peek(self, policy_dir: str) -> Any | None:
         """The loaded pipeline (now most recently used), or None."""
         with self._lock:
@@ -111,7 +107,6 @@ class GuardRef:
     loads it again (in a thread) when it was evicted."""
 
     policy_dir: str
-    mechanisms: tuple[str, ...]
     cache: GuardCache = field(compare=False, repr=False)
 
     async def get(self) -> Any:
@@ -210,8 +205,7 @@ class TenantRouter:
             loaded = await asyncio.to_thread(self.guard_cache.load, version.policy_dir,
                                              fresh=fresh)
             mechanisms = tuple(sorted(set(mechanisms) | set(loaded.mechanisms)))
-            guards = GuardRef(version.policy_dir, tuple(sorted(loaded.mechanisms)),
-                              self.guard_cache)
+            guards = GuardRef(version.policy_dir, self.guard_cache)
         # A sync onto a version this replica still holds (a rollback made elsewhere) is
         # a pointer move; an operator's activation here loads it again, so a store copy
         # that went missing is found now, not by a later request.
