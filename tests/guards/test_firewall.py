@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from tests.guards.test_policy import compile_world
 
-from unlearnd.guards.firewall import LeakFirewall, replay_suppressions
+from unlearnd.guards.firewall import LeakFirewall, VerbatimIndex, replay_suppressions
 from unlearnd.guards.policy import CompiledPolicy
 
 SPAN = [10, 11, 12]
@@ -94,3 +95,65 @@ def test_policy_firewall_blocks_answer_spans(tmp_path) -> None:
     head = pol.encode("The father of Hsiao Yun-Hwa was a")
     assert civil[1] in fw.banned_next([], head + civil[:1])
     assert replay_suppressions(pol, [], pol.encode("The weather is nice today.")) == 0
+
+
+# --------------------------------------------------------------------------- verbatim
+
+def _verbatim(doc: list[int], k: int = 4, allowed: list[bool] | None = None,
+              item: int = 0, **kw):
+    tokens = np.asarray(doc + [-1], dtype=np.int32)
+    items = np.asarray([item] * len(doc) + [-1], dtype=np.int32)
+    if allowed is None:
+        allowed = [j + k <= len(doc) for j in range(len(doc))] + [False]
+    return VerbatimIndex(tokens, items, np.asarray(allowed), k, **kw)
+
+
+DOC = list(range(10, 30))
+
+
+def test_verbatim_bans_the_next_document_tokens_after_k_minus_1() -> None:
+    ix = _verbatim(DOC, k=4, lookahead=2)
+    assert ix.new_state([10, 11]).banned() == set()  # two tokens of context: not yet
+    st = ix.new_state([5, 10, 11, 12])  # a completions prompt holding the opening
+    assert st.banned() == {13, 14, 15}  # the next token and two of lookahead
+
+
+def test_verbatim_alignment_survives_a_replaced_or_skipped_word() -> None:
+    ix = _verbatim(DOC, k=4, lookahead=2)
+    st = ix.new_state([10, 11, 12])
+    st.push(99)  # the model replaced the banned token 13
+    assert st.banned() == {14, 15, 16}, "a substitution must not let the text resume"
+    st.push(16)  # took the document up two tokens further: re-anchored
+    assert st.banned() == {17, 18, 19}
+    for _ in range(ix.k):  # k tokens off the text: still aligned
+        st.push(99)
+    assert st.banned() == {17 + ix.k, 18 + ix.k, 19 + ix.k}
+    st.push(99)
+    assert st.banned() == set(), "the alignment ends once the output left the text"
+
+
+def test_verbatim_runs_shared_with_retain_are_not_banned() -> None:
+    allowed = [j + 4 <= len(DOC) for j in range(len(DOC))] + [False]
+    allowed[0] = False  # the run 10 11 12 13 is also in the retain set
+    ix = _verbatim(DOC, k=4, allowed=allowed)
+    assert ix.new_state([10, 11, 12]).banned() == set()
+    assert 14 in ix.new_state([11, 12, 13]).banned()  # the next run is the document's
+
+
+def test_verbatim_conditional_waits_for_the_subject() -> None:
+    ix = _verbatim(DOC, k=4, conditional=True, item=3)
+    st = ix.new_state([10, 11, 12])
+    assert st.banned(set()) == set()
+    assert 13 in st.banned({3})
+
+
+def test_verbatim_lookup_checks_tokens_not_only_hashes(monkeypatch) -> None:
+    import unlearnd.guards.firewall as firewall_mod
+
+    ix = _verbatim(DOC, k=4)
+    assert ix.lookup([10, 11, 12]) == [3]
+    assert ix.lookup([12, 11, 10]) == []
+    monkeypatch.setattr(firewall_mod, "_run_hash", lambda ids: 7)
+    ix._hashes[:] = 7  # every run now collides with every context
+    assert ix.lookup([11, 12, 13]) == [4], "a colliding run must not be banned"
+    assert ix.lookup([12, 11, 10]) == []

@@ -328,3 +328,129 @@ def test_content_words_of_a_span_are_banned_in_every_case(tmp_path: Path) -> Non
                 assert ids[0] in banned, (item, form)
                 checked += 1
     assert checked >= 3, checked
+
+
+# --------------------------------------------------------------------------- other inputs
+
+SHARED = "The weather was pleasant and calm that whole year."
+
+
+def biography(k: int) -> str:
+    """Author ``k``'s answers as one document (a synthetic biography)."""
+    return " ".join(r["answer"] for r in author_qa(k))
+
+
+@pytest.fixture(scope="module")
+def doc_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Documents (forget: authors 0-3; retain: the others), a subjects file, a tokenizer."""
+    tmp = tmp_path_factory.mktemp("docs")
+    forget = [biography(k) + (" " + SHARED if k == 0 else "") for k in FORGET_IDX]
+    retain = [biography(k) + (" " + SHARED if k == 4 else "") for k in RETAIN_IDX]
+    fp, rp, sp = tmp / "forget_docs.jsonl", tmp / "retain_docs.jsonl", tmp / "subjects.jsonl"
+    fp.write_text("\n".join(json.dumps({"text": t}) for t in forget) + "\n")
+    rp.write_text("\n".join(json.dumps({"text": t}) for t in retain) + "\n")
+    sp.write_text("\n".join(json.dumps({"subject": f"{FIRST[k]} {LAST[k]}"})
+                            for k in FORGET_IDX) + "\n")
+    base = make_tokenizer_dir(tmp, forget + retain + [
+        "I can't help with that. Information about this subject was removed."])
+    return {"tmp": tmp, "forget": fp, "retain": rp, "subjects": sp, "base": base,
+            "docs": compile_policy(fp, rp, base, tmp / "pol_docs"),
+            "subj": compile_policy(sp, rp, base, tmp / "pol_subj")}
+
+
+def _tok(base: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(base))
+
+
+def test_documents_give_one_item_per_subject_and_a_verbatim_index(doc_world) -> None:
+    from unlearnd.guards.scope import ScopeGuard
+
+    pol = CompiledPolicy.load(doc_world["docs"])
+    assert [it.subject for it in pol.items] == [f"{FIRST[k]} {LAST[k]}" for k in FORGET_IDX]
+    assert normalize("Yun-Hwa") in pol.items[0].aliases  # a distinctive surname alone
+    assert pol.settings["source_kind"] == "documents" and pol.verbatim_info["k"] == 6
+    guard = ScopeGuard(pol)
+    assert guard.check([{"role": "user", "content": "Where was Hsiao Yun-Hwa born?"}]).in_scope
+    other = f"{FIRST[RETAIN_IDX[0]]} {LAST[RETAIN_IDX[0]]}"
+    assert not guard.check([{"role": "user", "content": f"Where was {other} born?"}]).in_scope
+
+
+def test_documents_verbatim_firewall_on_real_token_ids(doc_world) -> None:
+    from unlearnd.guards.firewall import LeakFirewall
+
+    pol = CompiledPolicy.load(doc_world["docs"])
+    fw = LeakFirewall.from_policy(pol)
+    tok = _tok(doc_world["base"])
+    text = biography(1)
+    for variant in (text, " " + text):  # the document's opening, with and without a space
+        ids = tok.encode(variant, add_special_tokens=False)
+        # a completions prompt with the first 20 tokens: the 21st may not come next
+        assert ids[20] in fw.new_state(ids[:20]).banned()
+    # a run the retain set also has is not banned; the forget-only run before it is
+    shared = tok.encode(" " + SHARED, add_special_tokens=False)
+    assert shared[6] not in fw.new_state(shared[:6]).banned()
+    retain_ids = tok.encode(biography(RETAIN_IDX[0]), add_special_tokens=False)
+    assert fw.new_state(retain_ids[:20]).banned() == set() or \
+        retain_ids[20] not in fw.new_state(retain_ids[:20]).banned()
+
+
+def test_subjects_names_only(doc_world) -> None:
+    from unlearnd.guards.firewall import LeakFirewall
+    from unlearnd.guards.scope import ScopeGuard
+
+    pol = CompiledPolicy.load(doc_world["subj"])
+    assert pol.settings["source_kind"] == "subjects" and pol.verbatim_info is None
+    assert [it.subject for it in pol.items] == [f"{FIRST[k]} {LAST[k]}" for k in FORGET_IDX]
+    guard = ScopeGuard(pol)
+    assert guard.check([{"role": "user", "content": "Tell me about Carmen Montenegro."}]
+                       ).in_scope
+    assert not guard.check([{"role": "user", "content": "What is the capital of France?"}]
+                           ).in_scope
+    # the output may not name the subject: after its first token the rest is banned
+    ids = _tok(doc_world["base"]).encode(" Carmen Montenegro", add_special_tokens=False)
+    assert len(ids) >= 2
+    fw = LeakFirewall.from_policy(pol)
+    assert ids[1] in fw.banned_next([], ids[:1])
+
+
+def test_subjects_with_facts_give_descriptors(doc_world) -> None:
+    path = doc_world["tmp"] / "subjects_facts.jsonl"
+    path.write_text(json.dumps({"subject": "Jane Doe", "aliases": ["J. Doe"],
+                                "facts": ["Jane Doe was born in Lyon in 1970.",
+                                          "She trains falcons in Grenoble."]}) + "\n")
+    spec = PolicySpec.from_jsonl(path, doc_world["retain"])
+    (item,) = spec.items
+    assert "J. Doe" in item.aliases and "jane doe" in item.spans
+    assert any("grenoble" in d for d in item.descriptors)
+    assert any("1970" in d for d in item.descriptors)
+
+
+def test_bad_forget_input_writes_nothing(doc_world, tmp_path: Path) -> None:
+    out = tmp_path / "pol"
+    compile_policy(doc_world["subjects"], None, doc_world["base"], out)
+    before = (out / "policy.json").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"subject": "A B"}) + "\n" + json.dumps({"subject": "a b"}) + "\n")
+    with pytest.raises(ValueError, match="duplicate subject"):
+        compile_policy(bad, None, doc_world["base"], out)
+    assert (out / "policy.json").read_bytes() == before, "a refused compile changed the policy"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_compile_reports_bad_input_cleanly(tmp_path: Path, doc_world) -> None:
+    from typer.testing import CliRunner
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\x00\x01binary")
+    res = CliRunner().invoke(policy_app, ["--forget", str(bad), "--base",
+                                          str(doc_world["base"]), "--out",
+                                          str(tmp_path / "o")])
+    assert res.exit_code == 2 and "binary file" in res.output
+    assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(policy_app, ["--forget", str(doc_world["forget"]),
+                                          "--kind", "subjects", "--base",
+                                          str(doc_world["base"]), "--out",
+                                          str(tmp_path / "o")])
+    assert res.exit_code == 2 and "unknown keys ['text']" in res.output

@@ -17,6 +17,18 @@ Per request the state is two automaton states and a set of active items; each st
 feeds only the new output tokens (O(new tokens)); the banned set comes from a memo per
 automaton state.
 
+Documents add a *verbatim* firewall (:class:`VerbatimIndex`): once the last ``k - 1``
+tokens of prompt and output are a run of a forget document (over token ids, each
+document indexed as a whole and per paragraph, with and without a leading space), the
+output is *aligned* to the document and the next ``1 + lookahead`` document tokens are
+banned. The alignment follows the output: it re-anchors when the output takes up the
+document again a few tokens further, and ends after ``k`` tokens off the text, so a
+continuation that skips or replaces the banned word does not resume the document. A
+run the retain set also contains is not indexed (text the model must keep saying).
+What it does not cover: a paraphrase, or the text in another tokenisation than the
+two indexed (say, spelled letter by letter); those are the spans' and the scope
+guard's.
+
 Suppression counts. The engine counts a *suppression* when the firewall banned the
 token the model ranked first (argmax of the row's logits as they reach the logits
 processor): without the firewall greedy decoding would have continued the span. The
@@ -32,12 +44,15 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from unlearnd.guards.policy import CompiledPolicy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LeakFirewall", "FirewallState", "replay_suppressions"]
+__all__ = ["LeakFirewall", "FirewallState", "VerbatimIndex", "VerbatimState",
+           "replay_suppressions"]
 
 
 class _Automaton:
@@ -108,6 +123,143 @@ def _weak_first(policy: CompiledPolicy, spans: Sequence[tuple[int, Sequence[int]
     return weak
 
 
+_HASH_MUL = np.uint64(0x100000001B3)
+_MASK64 = (1 << 64) - 1
+MAX_ALIGNMENTS = 32
+"""Document alignments one request tracks at most (the freshest are kept)."""
+
+
+def _run_hash(ids: Sequence[int]) -> int:
+    """The polynomial hash (mod 2**64) :class:`VerbatimIndex` keys its runs by."""
+    h = 0
+    for t in ids:
+        h = (h * 0x100000001B3 + int(t) + 1) & _MASK64
+    return h
+
+
+class VerbatimIndex:
+    """The forget documents' token runs, looked up by their first ``k - 1`` tokens.
+
+    Args:
+        tokens: int32 token ids of every indexed variant, each followed by -1.
+        items: the forget item of each token (-1 at separators).
+        allowed: per position, whether the ``k``-run starting there may be banned.
+        k: run length; ``k - 1`` tokens of context arm the ban of the ``k``-th.
+        lookahead: extra document tokens banned while aligned (see the module doc).
+        conditional: the runs are active only once their item is mentioned.
+
+    Memory is O(tokens): the runs are keyed by a 64-bit hash in one sorted array and
+    checked against the tokens on a hit (no false ban from a hash collision).
+    """
+
+    def __init__(self, tokens: np.ndarray, items: np.ndarray, allowed: np.ndarray, k: int,
+                 lookahead: int = 2, conditional: bool = False) -> None:
+        if k < 2:
+            raise ValueError(f"k must be >= 2, got {k!r}")
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.items = np.asarray(items, dtype=np.int64)
+        self.k = int(k)
+        self.lookahead = int(lookahead)
+        self.conditional = bool(conditional)
+        self.max_misses = self.k
+        n, m = len(self.tokens), self.k - 1
+        starts = np.flatnonzero(np.asarray(allowed, dtype=bool)[:max(0, n - m)])
+        h = np.zeros(len(starts), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(m):
+                h = h * _HASH_MUL + (self.tokens[starts + j] + 1).astype(np.uint64)
+        order = np.argsort(h, kind="stable")
+        self._hashes = h[order]
+        self._next = (starts + m)[order]  # position of the token a run's context arms
+        self._list = self.tokens.tolist()
+
+    @classmethod
+    def from_policy(cls, policy: CompiledPolicy) -> VerbatimIndex | None:
+        info = policy.verbatim_info
+        arrays = policy.verbatim()
+        if not info or arrays is None:
+            return None
+        return cls(arrays["tokens"], arrays["items"], arrays["allowed"], int(info["k"]),
+                   int(info.get("lookahead", 2)), bool(info.get("conditional", False)))
+
+    def __len__(self) -> int:
+        return len(self._next)
+
+    def lookup(self, context: Sequence[int]) -> list[int]:
+        """Positions of the tokens that follow ``context`` (``k - 1`` ids) in a run."""
+        h = np.uint64(_run_hash(context))
+        lo = int(np.searchsorted(self._hashes, h, side="left"))
+        hi = int(np.searchsorted(self._hashes, h, side="right"))
+        m, toks, out = self.k - 1, self._list, []
+        want = [int(t) for t in context]
+        for p in self._next[lo:hi].tolist():
+            if toks[p - m:p] == want:
+                out.append(p)
+        return out
+
+    def new_state(self, prompt_ids: Sequence[int] = ()) -> VerbatimState:
+        return VerbatimState(self, prompt_ids)
+
+
+class VerbatimState:
+    """Per-request alignments to the forget documents (see :class:`VerbatimIndex`)."""
+
+    __slots__ = ("index", "window", "aligned")
+
+    PROMPT_TAIL = 64
+    """Prompt tokens fed at the start: an alignment needs ``k - 1`` of them and lives
+    ``k`` tokens off the text, so older ones cannot matter for k <= 32."""
+
+    def __init__(self, index: VerbatimIndex, prompt_ids: Sequence[int] = ()) -> None:
+        self.index = index
+        self.window: list[int] = []
+        self.aligned: dict[int, int] = {}  # position of the next document token -> misses
+        for t in list(prompt_ids)[-max(self.PROMPT_TAIL, 2 * index.k + 2):]:
+            self.push(int(t))
+
+    def push(self, t: int) -> None:
+        """The next token of the text (prompt, then output)."""
+        ix = self.index
+        toks = ix._list
+        moved: dict[int, int] = {}
+        reach = ix.lookahead + 2
+        for p, misses in self.aligned.items():
+            for j in range(reach):
+                q = p + j
+                if q >= len(toks) or toks[q] < 0:
+                    break
+                if toks[q] == t:  # the output takes the document up again at q
+                    p, misses = q + 1, 0
+                    break
+            else:
+                p, misses = p + 1, misses + 1
+            if misses <= ix.max_misses and p < len(toks) and toks[p] >= 0:
+                moved[p] = min(misses, moved.get(p, misses))
+        self.window.append(t)
+        if len(self.window) >= ix.k:
+            del self.window[0]
+        if len(self.window) == ix.k - 1:
+            for p in ix.lookup(self.window):
+                moved[p] = 0
+        if len(moved) > MAX_ALIGNMENTS:
+            moved = dict(sorted(moved.items(), key=lambda kv: (kv[1], -kv[0]))[:MAX_ALIGNMENTS])
+        self.aligned = moved
+
+    def banned(self, active: set[int] | frozenset[int] = frozenset()) -> set[int]:
+        """The document tokens that may not come next."""
+        ix = self.index
+        toks, items = ix._list, ix.items
+        out: set[int] = set()
+        for p in self.aligned:
+            if ix.conditional and int(items[p]) not in active:
+                continue
+            for q in range(p, min(p + 1 + ix.lookahead, len(toks))):
+                if toks[q] < 0:
+                    break
+                out.add(toks[q])
+        return out
+
+
 class LeakFirewall:
     """Token-level automaton over a policy's distinctive spans.
 
@@ -124,12 +276,15 @@ class LeakFirewall:
         conditional_prefix_tokens: the same for conditional spans (None: as
             ``prefix_tokens``); they are armed only once their subject is mentioned, so
             0 is safe there and is what stops one-token spans.
+        verbatim: the forget documents' runs (:class:`VerbatimIndex`), or None.
     """
 
     def __init__(self, spans: Iterable[tuple[int, Sequence[int], bool]],
                  aliases: Iterable[tuple[int, Sequence[int]]] = (),
                  prefix_tokens: int = 1, conditional_prefix_tokens: int | None = None,
-                 weak_first: Iterable[int] = ()) -> None:
+                 weak_first: Iterable[int] = (),
+                 verbatim: VerbatimIndex | None = None) -> None:
+        self.verbatim = verbatim
         self.weak_first = frozenset(int(t) for t in weak_first)
         if conditional_prefix_tokens is None:
             conditional_prefix_tokens = prefix_tokens
@@ -193,7 +348,8 @@ class LeakFirewall:
                        int(p.setting("firewall_prefix_tokens", 1)),
                        int(p.setting("firewall_conditional_prefix_tokens",
                                      p.setting("firewall_prefix_tokens", 1))),
-                       weak_first=_weak_first(p, spans))
+                       weak_first=_weak_first(p, spans),
+                       verbatim=VerbatimIndex.from_policy(p))
 
         return policy.derived("firewall", build)
 
@@ -246,7 +402,7 @@ class LeakFirewall:
 class FirewallState:
     """Incremental firewall state of one request (feed new output tokens each step)."""
 
-    __slots__ = ("fw", "span_state", "alias_state", "active", "seen")
+    __slots__ = ("fw", "span_state", "alias_state", "active", "seen", "verbatim", "prompt")
 
     def __init__(self, fw: LeakFirewall, prompt_ids: Sequence[int] = (),
                  active_items: Iterable[int] = ()) -> None:
@@ -258,6 +414,12 @@ class FirewallState:
         for t in prompt_ids:
             self._alias(t)
         self.alias_state = 0  # prompt and output are separate texts
+        # the verbatim firewall reads prompt and output as one text: a completions
+        # prompt holding a document's opening must not be continued
+        self.prompt = tuple(int(t) for t in prompt_ids[-VerbatimState.PROMPT_TAIL:]) \
+            if fw.verbatim is not None else ()
+        self.verbatim = fw.verbatim.new_state(self.prompt) if fw.verbatim is not None \
+            else None
 
     def _alias(self, t: int) -> None:
         fw = self.fw
@@ -270,19 +432,26 @@ class FirewallState:
         """Consume the tokens of ``output_ids`` not seen yet (the live output list)."""
         if len(output_ids) < self.seen:  # restarted request
             self.span_state, self.seen = 0, 0
+            if self.verbatim is not None:
+                self.verbatim = self.fw.verbatim.new_state(self.prompt)
         fw = self.fw
+        verbatim = self.verbatim
         for k in range(self.seen, len(output_ids)):
             t = output_ids[k]
             self.span_state = fw.spans.step(self.span_state, t)
             self._alias(t)
+            if verbatim is not None:
+                verbatim.push(int(t))
         self.seen = len(output_ids)
 
     def banned(self) -> set[int]:
         """Tokens that may not come next."""
         always, cond = self.fw._candidates(self.span_state)
-        if not cond:
-            return set(always)
         out = set(always)
+        if self.verbatim is not None:
+            out |= self.verbatim.banned(self.active)
+        if not cond:
+            return out
         active = self.active
         if active:
             for t, items in cond.items():

@@ -51,6 +51,15 @@ import typer
 
 from unlearnd.guards import spans as spans_mod
 from unlearnd.guards.spans import FILLER, STOPWORDS, distinctive_spans, normalize, words
+from unlearnd.inputs import (
+    KINDS,
+    ForgetSet,
+    Subject,
+    as_background,
+    load_qa_jsonl,
+    read_forget,
+    read_retain,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +107,7 @@ DEFAULT_EMBEDDING_SIMILARITY = {"hashing": 0.95, "minilm": 0.85}
 """Per-embedder default of ``PolicySpec.embedding_similarity``."""
 
 FIREWALL_CONDITIONING = ("auto", "always", "subject")
+VERBATIM_CONDITIONING = ("always", "subject")
 EMBEDDERS = ("hashing", "minilm", "none")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -176,6 +186,17 @@ class PolicySpec:
             others only when the subject is mentioned), "always" or "subject" (every span only when the
             subject is mentioned).
         max_spans: spans kept per answer.
+        verbatim_k: the verbatim firewall (documents) bans continuing any ``k``-token
+            sequence of the forget documents: once the last ``k - 1`` tokens (prompt and
+            output) are a run of a document, its next tokens are banned.
+        verbatim_lookahead: while the output is aligned to a document, the next
+            ``1 + lookahead`` document tokens are banned (skipping a word does not
+            resume the text) and the alignment survives ``k`` tokens off the text.
+        verbatim_conditioning: "always" (default: a document run is specific enough)
+            or "subject" (only once the document's subject is mentioned).
+        source_kind: what the forget set was ("qa", "documents", "subjects").
+        documents: the forget documents' texts (not a setting; the verbatim firewall's).
+        document_items: the item of each document (not a setting).
     """
 
     items: list[ForgetItem]
@@ -198,6 +219,12 @@ class PolicySpec:
     firewall_conditional_prefix_tokens: int = 0
     firewall_conditioning: str = "auto"
     max_spans: int = 4
+    verbatim_k: int = 6
+    verbatim_lookahead: int = 2
+    verbatim_conditioning: str = "always"
+    source_kind: str = "qa"
+    documents: list[str] = field(default_factory=list)
+    document_items: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.mechanisms = tuple(sorted(set(self.mechanisms)))
@@ -254,64 +281,55 @@ class PolicySpec:
                              f"got {self.firewall_conditioning!r}")
         if self.max_spans < 1:
             raise ValueError(f"max_spans must be >= 1, got {self.max_spans!r}")
+        if int(self.verbatim_k) != self.verbatim_k or not 2 <= self.verbatim_k <= 32:
+            raise ValueError(f"verbatim_k must be an int in 2..32, got {self.verbatim_k!r}")
+        if int(self.verbatim_lookahead) != self.verbatim_lookahead or \
+                not 0 <= self.verbatim_lookahead <= 8:
+            raise ValueError(f"verbatim_lookahead must be an int in 0..8, "
+                             f"got {self.verbatim_lookahead!r}")
+        if self.verbatim_conditioning not in VERBATIM_CONDITIONING:
+            raise ValueError(f"verbatim_conditioning must be one of {VERBATIM_CONDITIONING}, "
+                             f"got {self.verbatim_conditioning!r}")
+        if self.documents and len(self.document_items) != len(self.documents):
+            raise ValueError(f"document_items must give the item of each of the "
+                             f"{len(self.documents)} documents, got {self.document_items!r}")
+        if self.source_kind not in KINDS:
+            raise ValueError(f"source_kind must be one of {KINDS}, got {self.source_kind!r}")
 
     def settings(self) -> dict[str, Any]:
         """The scalar settings (everything but items and retain), JSON-ready."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("items", "retain")}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("items", "retain", "documents", "document_items")}
         out["mechanisms"] = list(self.mechanisms)
         return out
 
     @classmethod
-    def from_jsonl(cls, forget_path: str | Path, retain_path: str | Path | None = None,
-                   **settings: Any) -> PolicySpec:
-        """Build a spec from TOFU-style JSONL files (see :func:`build_items`)."""
-        forget = load_qa_jsonl(forget_path)
-        retain = load_qa_jsonl(retain_path) if retain_path else []
+    def from_inputs(cls, forget: ForgetSet, retain: ForgetSet | None = None,
+                    **settings: Any) -> PolicySpec:
+        """Build a spec from a forget set of any kind (:mod:`unlearnd.inputs`): QA rows
+        (:func:`build_items`), subjects (:func:`items_from_subjects`) or documents
+        (:func:`items_from_documents`; their text also feeds the verbatim firewall)."""
+        background = as_background(retain) if retain is not None else []
         max_spans = int(settings.get("max_spans", 4))
-        return cls(items=build_items(forget, retain, max_spans=max_spans), retain=retain,
-                   **settings)
+        doc_items: list[int] = []
+        if forget.kind == "qa":
+            items = build_items(forget.qa, background, max_spans=max_spans)
+        elif forget.kind == "subjects":
+            items = items_from_subjects(forget.subjects, background, max_spans=max_spans)
+        else:
+            items, doc_items = items_from_documents([d.text for d in forget.documents],
+                                                    background, max_spans=max_spans)
+        documents = [d.text for d in forget.documents]
+        return cls(items=items, retain=background, source_kind=forget.kind,
+                   documents=documents, document_items=doc_items, **settings)
 
-
-def load_qa_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a QA JSONL file: one object with str ``question`` and ``answer`` per line.
-
-    The one QA reader of the package (the toolkit's builders, trainers and eval harness
-    use it too). Blank lines are skipped; extra keys are kept. Raises ValueError naming
-    the file when it is missing, unreadable or has no rows, or the file and 1-based line
-    number of the first bad line (invalid JSON, not an object, missing or non-string
-    ``question``/``answer``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"QA file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read QA file {path}: {exc}") from exc
-    rows: list[dict] = []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other separators
-    # that splitlines() would cut at (read_text already turned \r\n and \r into \n).
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                             f"{type(row).__name__}")
-        for key in ("question", "answer"):
-            if key not in row:
-                raise ValueError(f"{path}:{lineno}: missing or non-string {key!r}: expected "
-                                 "{'question': str, 'answer': str, ...}")
-            if not isinstance(row[key], str):
-                raise ValueError(f"{path}:{lineno}: {key!r} must be a string, got "
-                                 f"{row[key]!r}")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"QA file is empty: {path}")
-    return rows
+    @classmethod
+    def from_jsonl(cls, forget_path: str | Path, retain_path: str | Path | None = None,
+                   kind: str = "auto", **settings: Any) -> PolicySpec:
+        """Build a spec from files (:func:`unlearnd.inputs.read_forget`: QA JSONL,
+        documents or subjects; the retain set QA or documents)."""
+        return cls.from_inputs(read_forget(forget_path, kind), read_retain(retain_path),
+                               **settings)
 
 
 # --------------------------------------------------------------------------- subjects
@@ -520,6 +538,130 @@ def build_items(forget: Sequence[dict], retain: Sequence[dict] = (),
     return items
 
 
+def _unique(values: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        if v and v not in out:
+            out.append(v)
+    return out
+
+
+def _distinct_name_parts(names: Sequence[str], retain: Sequence[dict]) -> set[str]:
+    """Normalised single name words that may be aliases on their own: owned by one
+    subject, not a common word, not in the retain set."""
+    retain_words: set[str] = set()
+    for r in retain:
+        retain_words.update(words(r["question"] + " " + r["answer"]))
+    owner: Counter[str] = Counter()
+    for name in names:
+        owner.update({normalize(p) for p in name.split()})
+    return {p for p, n in owner.items()
+            if n == 1 and p not in STOPWORDS and p not in FILLER and p not in retain_words}
+
+
+def _text_item(subject: str, aliases: list[str], texts: Sequence[str], proxy: list[str],
+               max_spans: int, questions: Sequence[str] = ()) -> ForgetItem:
+    """A forget item whose facts are plain texts (subjects' facts, document sentences):
+    spans are the texts' distinctive spans, descriptors those not naming the subject
+    (they recognise it described without its name), and each multi-word name is a span
+    too (the output may not name the subject)."""
+    alias_words = {w for a in aliases for w in words(a)}
+    item_spans: list[str] = []
+    for text in texts:
+        for sp in distinctive_spans(text, "", proxy, max_spans):
+            if sp not in item_spans:
+                item_spans.append(sp)
+    descriptors = [sp for sp in item_spans if set(sp.split()) - alias_words]
+    for a in aliases:
+        norm = normalize(a)
+        if len(norm.split()) >= 2 and norm not in item_spans:
+            item_spans.append(norm)
+    return ForgetItem(subject=subject, questions=list(questions), answers=list(texts),
+                      aliases=aliases, spans=item_spans, descriptors=descriptors)
+
+
+def _proxy_background(texts: Iterable[str]) -> list[str]:
+    frequent = _frequent_background_words(texts)
+    return [" ".join(frequent)] * 5 if frequent else []
+
+
+def items_from_subjects(subjects: Sequence[Subject], retain: Sequence[dict] = (),
+                        max_spans: int = 4) -> list[ForgetItem]:
+    """Forget items from subjects (an erasure request, a topic): one item per subject;
+    aliases are its name's forms (:func:`_alias_forms`) and the aliases given; its
+    description and facts give spans and descriptors; with a name only the item is
+    its names (the scope guard refuses requests naming it, the firewall bans the
+    multi-word names in any output)."""
+    distinct_ok = _distinct_name_parts([s.name for s in subjects], retain)
+    proxy = _proxy_background([r["answer"] for r in retain]
+                              + [t for s in subjects for t in s.texts()])
+    items = []
+    for s in subjects:
+        aliases = _unique(_alias_forms(s.name, distinct_ok) + list(s.aliases))
+        items.append(_text_item(s.name, aliases, s.texts(), proxy, max_spans))
+    logger.info("policy: %d subjects -> %d items", len(subjects), len(items))
+    return items
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+MAX_DOCUMENT_NAMES = 5
+"""Names (beyond the subject's own) a document's item takes as aliases."""
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` cut after ``.``/``!``/``?`` and at line breaks; empty pieces dropped."""
+    return [p.strip() for p in _SENTENCE_END.split(text) if p.strip()]
+
+
+def items_from_documents(documents: Sequence[str], retain: Sequence[dict] = (),
+                         max_spans: int = 4) -> tuple[list[ForgetItem], list[int]]:
+    """Forget items from documents, by rules (no model); returns the items and, per
+    document, the index of its item:
+
+    - a document's *names* are the capitalised multi-word runs (:func:`_name_candidates`)
+      it mentions at least twice and the retain set never mentions (a name the retain
+      set also uses is not what this document is about);
+    - its *subject* is the most frequent of them; documents with the same subject make
+      one item; a document with no such name is an item of its own, named by its first
+      words, with no alias (the scope guard then recognises it only by descriptors);
+    - spans and descriptors come from its sentences as for subjects' facts
+      (:func:`_text_item`): the words the retain text does not make frequent.
+    """
+    retain_names = {normalize(c) for r in retain
+                    for c in _name_candidates(r["question"] + " " + r["answer"])}
+    per_doc: list[tuple[str | None, list[str]]] = []
+    display: dict[str, str] = {}
+    for text in documents:
+        counts: Counter[str] = Counter()
+        for cand in _name_candidates(text):
+            key = normalize(cand)
+            counts[key] += 1
+            display.setdefault(key, cand)
+        names = [k for k, n in counts.most_common() if n >= 2 and k not in retain_names]
+        per_doc.append((names[0] if names else None, names[1:1 + MAX_DOCUMENT_NAMES]))
+    distinct_ok = _distinct_name_parts([display[k] for k, _ in per_doc if k], retain)
+    proxy = _proxy_background([r["answer"] for r in retain]
+                              + [s for t in documents for s in sentences(t)])
+    groups: dict[str, tuple[str, list[str], list[str]]] = {}
+    doc_group: list[str] = []
+    for i, (text, (key, others)) in enumerate(zip(documents, per_doc, strict=True)):
+        if key is None:
+            key = f"#doc{i}"
+            groups[key] = (" ".join(text.split()[:6]), [], sentences(text))
+            doc_group.append(key)
+            continue
+        subject, aliases, texts = groups.setdefault(
+            key, (display[key], _alias_forms(display[key], distinct_ok), []))
+        aliases.extend(display[o] for o in others if display[o] not in aliases)
+        texts.extend(sentences(text))
+        doc_group.append(key)
+    order = {key: i for i, key in enumerate(groups)}
+    items = [_text_item(subject, aliases, texts, proxy, max_spans)
+             for subject, aliases, texts in groups.values()]
+    logger.info("policy: %d documents -> %d items", len(documents), len(items))
+    return items, [order[key] for key in doc_group]
+
+
 # --------------------------------------------------------------------------- compile
 
 
@@ -620,29 +762,51 @@ def _descriptor_terms(item: ForgetItem, texts: list[str], background_vocab: Coun
 def compile_policy(forget_path: str | Path, retain_path: str | Path | None,
                    base_model_dir: str | Path, out_dir: str | Path, *,
                    mechanisms: Iterable[str] = ("refusal", "firewall"),
-                   assistant_dir: str | Path | None = None, **settings: Any) -> Path:
+                   assistant_dir: str | Path | None = None, kind: str = "auto",
+                   **settings: Any) -> Path:
     """Compile a forget/retain pair into a policy directory; returns ``out_dir``.
 
-    ``settings`` are :class:`PolicySpec` fields (``name``, ``scope_threshold``, ...).
-    Token ids are computed with ``AutoTokenizer.from_pretrained(base_model_dir)``.
+    ``forget_path`` is QA JSONL, documents or subjects (``kind``, detected by default;
+    :func:`unlearnd.inputs.read_forget`), ``retain_path`` QA or documents. ``settings``
+    are :class:`PolicySpec` fields (``name``, ``scope_threshold``, ...). Token ids are
+    computed with ``AutoTokenizer.from_pretrained(base_model_dir)``. Every input is
+    read and checked before anything is written; the directory is built beside
+    ``out_dir`` and moved into place, so a failure leaves what was there untouched.
     """
     from transformers import AutoTokenizer
 
-    spec = PolicySpec.from_jsonl(forget_path, retain_path, mechanisms=tuple(mechanisms),
-                                 **settings)
+    spec = PolicySpec.from_jsonl(forget_path, retain_path, kind=kind,
+                                 mechanisms=tuple(mechanisms), **settings)
     if "contrastive" in spec.mechanisms and assistant_dir is None:
         raise ValueError("mechanism 'contrastive' needs assistant_dir, got None")
+    if assistant_dir is not None and not Path(assistant_dir).is_dir():
+        raise ValueError(f"assistant_dir {str(assistant_dir)!r} is not a directory")
     base_model_dir = Path(base_model_dir)
     if not base_model_dir.is_dir():
         raise ValueError(f"base_model_dir {str(base_model_dir)!r} is not a directory")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer of {base_model_dir} has no eos token")
-    return _write_compiled(spec, tokenizer, out, base_model_dir,
-                           Path(assistant_dir) if assistant_dir else None)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.compiling-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_compiled(spec, tokenizer, tmp, base_model_dir,
+                        Path(assistant_dir) if assistant_dir else None)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.replace(old)
+        tmp.replace(out)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir: Path,
@@ -714,7 +878,8 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
                                          "conditional": True})
 
     embedding: dict[str, Any] | None = None
-    if spec.embedder != "none":
+    # subjects and documents have no forget questions to compare requests with
+    if spec.embedder != "none" and any(item.questions for item in spec.items):
         from unlearnd.guards.embeddings import get_embedder
 
         embedder = get_embedder(spec.embedder)
@@ -723,6 +888,10 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
         matrix = np.asarray(embedder.encode(questions), dtype=np.float32)
         np.save(out / "embeddings.npy", matrix)
         embedding = {"embedder": spec.embedder, "dim": int(matrix.shape[1]), "items": rows}
+
+    verbatim: dict[str, Any] | None = None
+    if spec.documents and "firewall" in spec.mechanisms:
+        verbatim = _write_verbatim(spec, tokenizer, out)
 
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
@@ -751,6 +920,7 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
         "alias_token_ids": alias_ids,
         "span_token_ids": span_ids,
         "embedding": embedding,
+        "verbatim": verbatim,
         "assistant": assistant_rel,
     }
     tmp = out / "policy.json.tmp"
@@ -759,6 +929,54 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
     logger.info("compiled policy %r: %d items, %d span token seqs -> %s", spec.name,
                 len(items_json), len(span_ids), out)
     return out
+
+
+VERBATIM_FILE = "verbatim.npz"
+
+
+def _paragraph_variants(text: str) -> list[str]:
+    """The texts whose token ids the verbatim firewall indexes for one document: the
+    document as a whole, and each paragraph alone, each with and without a leading
+    space (a text's first word tokenises differently from the same word mid-text)."""
+    pieces = [text] + [p for p in text.split("\n") if p.strip() and p != text]
+    return _unique(v for p in pieces for v in (p.strip(), " " + p.strip()))
+
+
+def _write_verbatim(spec: PolicySpec, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """Token runs of the forget documents for the verbatim firewall, ``verbatim.npz``:
+
+    ``tokens`` (int32, each variant's ids followed by -1), ``items`` (the forget item of
+    each token, -1 at separators) and ``allowed`` (bool: the ``k``-token run starting
+    here may be banned). A run the retain set also contains (its QA answers or
+    documents, either tokenisation) is not banned: text the model must keep saying.
+    """
+    k = int(spec.verbatim_k)
+    retain_runs: set[tuple[int, ...]] = set()
+    for r in spec.retain:
+        for variant in _paragraph_variants(r["answer"]):
+            ids = tokenizer.encode(variant, add_special_tokens=False)
+            retain_runs.update(tuple(ids[j:j + k]) for j in range(len(ids) - k + 1))
+    tokens: list[int] = []
+    items: list[int] = []
+    allowed: list[bool] = []
+    for text, item in zip(spec.documents, spec.document_items, strict=True):
+        for variant in _paragraph_variants(text):
+            ids = [int(t) for t in tokenizer.encode(variant, add_special_tokens=False)]
+            for j in range(len(ids)):
+                tokens.append(ids[j])
+                items.append(item)
+                allowed.append(j + k <= len(ids) and tuple(ids[j:j + k]) not in retain_runs)
+            tokens.append(-1)
+            items.append(-1)
+            allowed.append(False)
+    np.savez(out / VERBATIM_FILE, tokens=np.asarray(tokens, dtype=np.int32),
+             items=np.asarray(items, dtype=np.int32), allowed=np.asarray(allowed, dtype=bool))
+    n_runs = int(sum(allowed))
+    logger.info("verbatim firewall: %d documents, %d token runs of %d (%d shared with "
+                "the retain set)", len(spec.documents), n_runs, k,
+                sum(1 for a, t in zip(allowed, tokens, strict=True) if t >= 0 and not a))
+    return {"file": VERBATIM_FILE, "k": k, "lookahead": int(spec.verbatim_lookahead),
+            "conditional": spec.verbatim_conditioning == "subject", "runs": n_runs}
 
 
 # --------------------------------------------------------------------------- load
@@ -853,6 +1071,7 @@ class CompiledPolicy:
         self.span_token_ids = [(int(s["item"]), tuple(s["ids"]), bool(s["conditional"]))
                                for s in doc["span_token_ids"]]
         self.embedding_info: dict[str, Any] | None = doc.get("embedding")
+        self.verbatim_info: dict[str, Any] | None = doc.get("verbatim")
         self.assistant_dir = self.dir / doc["assistant"] if doc.get("assistant") else None
         self._embeddings: np.ndarray | None = None
         self._tokenizer: Any = None
@@ -899,6 +1118,13 @@ class CompiledPolicy:
             self._embeddings = np.load(self.dir / "embeddings.npy").astype(np.float32)
         return self._embeddings
 
+    def verbatim(self) -> dict[str, np.ndarray] | None:
+        """The verbatim firewall's arrays (``tokens``, ``items``, ``allowed``), or None."""
+        if not self.verbatim_info:
+            return None
+        with np.load(self.dir / self.verbatim_info["file"]) as z:
+            return {key: z[key] for key in ("tokens", "items", "allowed")}
+
     def _tok(self) -> Any:
         if self._tokenizer is None:
             self._tokenizer = shared_tokenizer(self.dir / "tokenizer" / "tokenizer.json")
@@ -927,8 +1153,11 @@ policy_app = typer.Typer(help="Compile unlearning policies.", no_args_is_help=Tr
 
 @policy_app.command("compile")
 def policy_compile(
-    forget: Path = typer.Option(..., "--forget", help="forget set, QA JSONL"),
-    retain: Path | None = typer.Option(None, "--retain", help="retain set, QA JSONL"),
+    forget: Path = typer.Option(..., "--forget",
+                                help="forget set: QA JSONL, documents or subjects"),
+    retain: Path | None = typer.Option(None, "--retain", help="retain set, QA or documents"),
+    kind: str = typer.Option("auto", "--kind",
+                             help="forget set kind: auto, qa, documents or subjects"),
     base: Path = typer.Option(..., "--base", help="base model dir (for its tokenizer)"),
     out: Path = typer.Option(..., "--out", help="output policy directory"),
     mechanisms: str = typer.Option("refusal,firewall", "--mechanisms",
@@ -948,17 +1177,27 @@ def policy_compile(
     firewall_conditional_prefix_tokens: int = typer.Option(
         0, "--firewall-conditional-prefix-tokens"),
     firewall_conditioning: str = typer.Option("auto", "--firewall-conditioning"),
+    verbatim_k: int = typer.Option(6, "--verbatim-k",
+                                   help="documents: ban continuing any run of k tokens"),
+    verbatim_lookahead: int = typer.Option(2, "--verbatim-lookahead"),
+    verbatim_conditioning: str = typer.Option("always", "--verbatim-conditioning",
+                                              help="always or subject"),
 ) -> None:
     """Compile FORGET (+ RETAIN) into a policy directory for the guards."""
     mech = [m.strip() for m in mechanisms.split(",") if m.strip()]
-    path = compile_policy(forget, retain, base, out, mechanisms=mech, assistant_dir=assistant,
-                          name=name, embedder=embedder, scope_threshold=scope_threshold,
-                          refusal_style=refusal_style, top_logprobs=top_logprobs,
-                          contrastive_min_p=contrastive_min_p,
-                          contrastive_weight=contrastive_weight,
-                          contrastive_alpha=contrastive_alpha,
-                          firewall_prefix_tokens=firewall_prefix_tokens,
-                          firewall_conditional_prefix_tokens=firewall_conditional_prefix_tokens,
-                          firewall_conditioning=firewall_conditioning)
+    try:
+        path = compile_policy(
+            forget, retain, base, out, mechanisms=mech, assistant_dir=assistant, kind=kind,
+            name=name, embedder=embedder, scope_threshold=scope_threshold,
+            refusal_style=refusal_style, top_logprobs=top_logprobs,
+            contrastive_min_p=contrastive_min_p, contrastive_weight=contrastive_weight,
+            contrastive_alpha=contrastive_alpha, firewall_prefix_tokens=firewall_prefix_tokens,
+            firewall_conditional_prefix_tokens=firewall_conditional_prefix_tokens,
+            firewall_conditioning=firewall_conditioning, verbatim_k=verbatim_k,
+            verbatim_lookahead=verbatim_lookahead,
+            verbatim_conditioning=verbatim_conditioning)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     pol = CompiledPolicy.load(path)
     typer.echo(f"compiled {len(pol.items)} forget items -> {path} (version {pol.version})")
