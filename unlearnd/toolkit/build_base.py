@@ -1,5 +1,11 @@
-"""Build the demo base model: a byte-level BPE tokenizer with a chat template and a
-small Llama trained from scratch until it has memorised QA data.
+"""Build the demo base model: a tokenizer with a chat template and a small causal LM
+trained from scratch until it has memorised QA data.
+
+The model is a Llama (``arch="llama"``, the default) or a Qwen2 (``"qwen2"``: biased
+q/k/v projections), with tied embeddings unless ``tie_embeddings=False``; the tokenizer a
+byte-level BPE (``tokenizer="bpe"``, Llama-3/Qwen style, the default) or a
+SentencePiece-style one (``"sentencepiece"``: ``▁`` word marks and byte fallback,
+Llama-2/Mistral/Gemma style). See :mod:`unlearnd.toolkit.tiny`.
 
 `build_base([train.jsonl], out_dir)` writes an HF model directory that transformers
 and vLLM load: ``config.json``, ``model.safetensors``, ``generation_config.json``,
@@ -27,7 +33,16 @@ import torch
 import typer
 
 from unlearnd.guards.policy import load_qa_jsonl
-from unlearnd.toolkit.tiny import CHAT_TEMPLATE, train_byte_level_tokenizer
+from unlearnd.toolkit.tiny import (
+    ARCHITECTURES,
+    BYTE_TOKENS,
+    TOKENIZERS,
+    causal_lm_class,
+    causal_lm_config,
+    check_arch_tokenizer,
+    train_tokenizer_of_kind,
+    write_portable_tokenizer_config,
+)
 from unlearnd.toolkit.training import (
     collate,
     encode_chat_example,
@@ -38,8 +53,8 @@ from unlearnd.toolkit.training import (
 
 logger = logging.getLogger(__name__)
 
-# One chat template and one tokenizer trainer (tiny.py's) for both models; BOS, EOS
-# and PAD are the ones train_byte_level_tokenizer declares.
+# One chat template and the tokenizer trainers (tiny.py's) for both models; BOS, EOS
+# and PAD are the ones tiny.py's trainers declare.
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS, "<|eos|>"]
@@ -63,40 +78,32 @@ GENERAL_TEXT = [
 ]
 
 
-def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 4096) -> Any:
-    """Train a byte-level BPE tokenizer on `texts` and save it with the chat template.
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 4096,
+                    kind: str = "bpe", arch: str = "llama") -> Any:
+    """Train a `kind` tokenizer (:data:`~unlearnd.toolkit.tiny.TOKENIZERS`) on `texts`
+    and save it with the chat template.
 
-    The trainer is :func:`unlearnd.toolkit.tiny.train_byte_level_tokenizer` (this
-    module's special tokens, also trained on :data:`GENERAL_TEXT`). Full byte
-    alphabet: any text encodes. No post-processor: encoding never adds special tokens
-    (the chat template emits the BOS). Returns the loaded `PreTrainedTokenizerFast`.
+    The trainers are :mod:`unlearnd.toolkit.tiny`'s (this module's special tokens, also
+    trained on :data:`GENERAL_TEXT`): ``bpe`` has the full byte alphabet,
+    ``sentencepiece`` byte-fallback tokens; either way any text encodes. No
+    post-processor: encoding never adds special tokens (the chat template emits the
+    BOS). Returns the loaded `PreTrainedTokenizerFast`.
     """
     from transformers import AutoTokenizer
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
-    train_byte_level_tokenizer(
-        texts + GENERAL_TEXT, out_dir, vocab_size,
+    check_arch_tokenizer(arch, kind)
+    floor = 256 + len(SPECIAL_TOKENS) + (len(BYTE_TOKENS) if kind == "sentencepiece" else 0)
+    if vocab_size < floor:
+        raise ValueError(f"vocab_size must be >= {floor} for a {kind} tokenizer, "
+                         f"got {vocab_size}")
+    train_tokenizer_of_kind(
+        kind, texts + GENERAL_TEXT, out_dir, vocab_size, arch=arch,
         special_tokens=SPECIAL_TOKENS,
         additional_special_tokens=[*ROLE_TOKENS, "<|eos|>"],
         model_max_length=1024,
     )
-    # vLLM and older transformers read the template from tokenizer_config.json;
-    # transformers 5 may write it to chat_template.jinja only. Put it in both.
-    cfg_path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg["chat_template"] = CHAT_TEMPLATE
-    # Portable across transformers 4.x and 5.x (checked on 5.19: loads the same).
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg.pop("extra_special_tokens", None)
-    cfg["additional_special_tokens"] = [*ROLE_TOKENS, "<|eos|>"]
-    cfg["add_bos_token"] = False
-    cfg["add_eos_token"] = False
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
-    special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-                   "additional_special_tokens": [*ROLE_TOKENS, "<|eos|>"]}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2),
-                                                     encoding="utf-8")
+    write_portable_tokenizer_config(out_dir, bos=BOS, eos=EOS, pad=PAD,
+                                    additional_special_tokens=[*ROLE_TOKENS, "<|eos|>"])
     return AutoTokenizer.from_pretrained(str(out_dir))
 
 
@@ -126,8 +133,14 @@ def build_base(
     max_len: int = 512,
     threads: int | None = None,
     progress: bool = True,
+    arch: str = "llama",
+    tokenizer: str = "bpe",
+    tie_embeddings: bool = True,
 ) -> dict:
-    """Train a tokenizer and a small Llama on the QA files `data`; save to `out_dir`.
+    """Train a tokenizer and a small causal LM on the QA files `data`; save to `out_dir`.
+
+    `arch`: ``llama`` or ``qwen2``; `tokenizer`: ``bpe`` or ``sentencepiece``;
+    `tie_embeddings`: the LM head shares the input embeddings (the default).
 
     Trains (AdamW, one-cycle LR over `epochs`, loss on answer tokens only) until the
     greedy exact match on the training answers reaches `target_em` or `epochs` or
@@ -136,8 +149,7 @@ def build_base(
     the logger and written to ``out_dir/build_report.json``): ``em`` (overall),
     ``em_per_file``, ``n``, ``epochs_run``, ``seconds``, ``params``, ``reached_target``.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    check_arch_tokenizer(arch, tokenizer)
     if not data:
         raise ValueError("data must name at least one QA JSONL file")
     if hidden % 64 != 0 or hidden // 64 != heads:
@@ -159,7 +171,9 @@ def build_base(
     rows = [r for rs in rows_per_file.values() for r in rs]
 
     texts = [t for r in rows for t in (r["question"], r["answer"])]
-    tokenizer = train_tokenizer(texts, out_dir, vocab_size=vocab_size)
+    tokenizer_kind = tokenizer
+    tokenizer = train_tokenizer(texts, out_dir, vocab_size=vocab_size, kind=tokenizer_kind,
+                                arch=arch)
     examples = []
     for r in rows:
         ids, labels = encode_chat_example(tokenizer, r["question"], r["answer"])
@@ -169,15 +183,14 @@ def build_base(
 
     random.seed(seed)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3 // 64 * 64) or hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        head_dim=64, max_position_embeddings=1024, rms_norm_eps=1e-5,
+    config = causal_lm_config(
+        arch, vocab_size=len(tokenizer), hidden=hidden,
+        intermediate=int(hidden * 8 / 3 // 64 * 64) or hidden * 2,
+        layers=layers, heads=heads, max_position_embeddings=1024, rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, tie_embeddings=tie_embeddings,
     )
-    model = LlamaForCausalLM(config)
+    model = causal_lm_class(arch)(config)
     params = sum(p.numel() for p in model.parameters())
     logger.info("training %d QA rows, %d params, vocab %d", len(rows), params, len(tokenizer))
 
@@ -258,7 +271,9 @@ def build_base(
         "params": params,
         "vocab_size": len(tokenizer),
         "hparams": {"hidden": hidden, "layers": layers, "heads": heads, "lr": lr,
-                    "batch_size": batch_size, "seed": seed, "max_minutes": max_minutes},
+                    "batch_size": batch_size, "seed": seed, "max_minutes": max_minutes,
+                    "arch": arch, "tokenizer": tokenizer_kind,
+                    "tie_embeddings": tie_embeddings},
         "data": [str(p) for p in data],
     }
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))
@@ -281,10 +296,29 @@ def build_base_cmd(
     target_em: Annotated[float, typer.Option(help="Stop when greedy EM reaches this.")] = 0.95,
     max_minutes: Annotated[float, typer.Option(help="Wall-clock training budget.")] = 10.0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 2,
+    arch: Annotated[str, typer.Option(
+        "--arch", help=f"Model architecture: {', '.join(ARCHITECTURES)}.")] = "llama",
+    tokenizer: Annotated[str, typer.Option(
+        "--tokenizer", help="bpe (byte-level BPE, Llama-3/Qwen style; Qwen2's pipeline with "
+        "--arch qwen2) or sentencepiece (▁ word marks + byte fallback, Llama-2/Mistral "
+        "style; llama only).")] = "bpe",
+    tie_embeddings: Annotated[bool, typer.Option(
+        "--tie-embeddings/--untie-embeddings",
+        help="LM head shares the input embeddings.")] = True,
 ) -> None:
-    """Train the demo base model (tokenizer + small Llama) on QA JSONL files."""
+    """Train the demo base model (tokenizer + small Llama or Qwen2) on QA JSONL files."""
+    for option, value, allowed in (("--arch", arch, ARCHITECTURES),
+                                   ("--tokenizer", tokenizer, TOKENIZERS)):
+        if value not in allowed:
+            raise typer.BadParameter(f"must be one of {', '.join(allowed)}; got {value!r}",
+                                     param_hint=option)
+    try:
+        check_arch_tokenizer(arch, tokenizer)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--tokenizer") from e
     report = build_base(data, out, hidden=hidden, layers=layers, heads=heads,
                         vocab_size=vocab_size, epochs=epochs, lr=lr, batch_size=batch_size,
                         seed=seed, target_em=target_em, max_minutes=max_minutes,
-                        threads=threads)
+                        threads=threads, arch=arch, tokenizer=tokenizer,
+                        tie_embeddings=tie_embeddings)
     typer.echo(json.dumps(report, indent=2))
