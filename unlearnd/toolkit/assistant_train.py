@@ -45,7 +45,13 @@ import typer
 from unlearnd.guards.assistant import ASSISTANT_FILE, ASSISTANT_FORMAT, build_assistant
 from unlearnd.guards.policy import load_qa_jsonl
 from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
-from unlearnd.toolkit.training import collate, encode_chat_example, set_threads
+from unlearnd.toolkit.training import (
+    answer_encoding,
+    collate,
+    encode_chat_example,
+    lora_target_modules,
+    set_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +116,15 @@ def mark_fact_tokens(tokenizer: Any, question: str, answer: str, labels: list[in
 
     fact_words = {w for sp in distinctive_spans(answer, question, background)
                   for w in sp.split()}
-    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    # the answer's ids as they follow the prompt (what `labels` holds), not as the
+    # answer alone encodes: a SentencePiece-style tokenizer marks a text's first word
+    _, answer_ids, offsets = answer_encoding(tokenizer, question, answer)
     words = [(m.start(), m.end(), normalize(m.group(0))) for m in re.finditer(r"[^\W_]+", answer)]
     first = next(i for i, t in enumerate(labels) if t != IGNORE)
     out = [t if t == IGNORE else UNIFORM for t in labels]
-    for k, (start, end) in enumerate(enc["offset_mapping"]):
+    for k, (start, end) in enumerate(offsets):
         fact = any(ws < end and start < we and w in fact_words for ws, we, w in words)
-        if fact and first + k < len(out) and labels[first + k] == enc["input_ids"][k]:
+        if fact and first + k < len(out) and labels[first + k] == answer_ids[k]:
             out[first + k] = labels[first + k]
     return out
 
@@ -279,7 +287,8 @@ def train_assistant(
     assistant.to(dev)
     model = get_peft_model(assistant, LoraConfig(
         r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
-        target_modules=list(TARGET_MODULES), bias="none"))
+        target_modules=lora_target_modules(assistant, TARGET_MODULES, required=False),
+        bias="none"))
     before = assistant_metrics(model, forget_train, retain, pad_id)
     logger.info("assistant (%d of %d layers) before training: %s", k, n_base, before)
 

@@ -7,8 +7,12 @@ for a chat request with one user message. The server renders
 and tokenizes that string WITHOUT adding special tokens. Our chat templates emit the
 BOS themselves and our tokenizers have no post-processor, so ``render_prompt`` here
 (render to text, then encode with ``add_special_tokens=False``) gives the same ids.
-The generation prompt ends with the ``<|assistant|>`` special token, so an answer
-tokenized on its own has the same tokens as it has after the prompt.
+The answer's tokens are those it has *after the prompt*: prompt text and answer are
+encoded together and split where the prompt's ids end (:func:`answer_encoding`). With a
+byte-level BPE that is the answer encoded on its own (the prompt ends with the
+``<|assistant|>`` special token); with a SentencePiece-style tokenizer it is not (the
+answer's first word, alone at the start of a text, would get a ``▁`` word mark it does
+not get after a special token), and the model must learn what the server will feed it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,6 +46,29 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+def lora_target_modules(model: torch.nn.Module, wanted: Sequence[str], *,
+                        required: bool = True) -> list[str]:
+    """The names in `wanted` that are linear layers of `model` (matched on the last part
+    of a module's name, as peft matches ``target_modules``).
+
+    `required`: every name must exist, else ValueError listing the missing ones and the
+    model's linear layers. Not required (a default list, written for the Llama family):
+    the missing ones are dropped, and ValueError only when none is left. Llama, Qwen2,
+    Mistral and Gemma all name their projections ``q_proj`` .. ``down_proj``.
+    """
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear)})
+    present = [w for w in wanted if w in linear]
+    missing = [w for w in wanted if w not in linear]
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if (missing and required) or not present:
+        raise ValueError(f"LoRA target modules {missing} are not linear layers of this "
+                         f"{kind} model; its linear layers are {linear}")
+    if missing:
+        logger.info("LoRA: %s model has no %s; targeting %s", kind, missing, present)
+    return present
+
+
 def _messages(question: str, system: str | None) -> list[dict[str, str]]:
     msgs = []
     if system is not None:
@@ -60,18 +88,41 @@ def render_prompt(tokenizer: Any, question: str, system: str | None = None) -> l
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def answer_encoding(tokenizer: Any, question: str, answer: str, system: str | None = None
+                    ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """``(prompt_ids, answer_ids, answer_offsets)``: `answer` tokenized as it follows the
+    chat prompt of `question` (offsets are character spans in `answer`).
+
+    The prompt text and the answer are encoded together; the answer's ids are what
+    follows the prompt's own ids. Where a chat template's prompt does not end on a
+    token boundary (the joint encoding does not start with the prompt's ids), the
+    answer is encoded on its own instead.
+    """
+    text = tokenizer.apply_chat_template(_messages(question, system),
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    enc = tokenizer(text + answer, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if ids[: len(prompt)] == prompt:
+        n = len(text)
+        offsets = [(max(0, s - n), max(0, e - n)) for s, e in enc["offset_mapping"][len(prompt):]]
+        return prompt, ids[len(prompt):], offsets
+    alone = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    return prompt, list(alone["input_ids"]), [tuple(o) for o in alone["offset_mapping"]]
+
+
 def encode_chat_example(tokenizer: Any, question: str, answer: str,
                         system: str | None = None) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one QA pair: prompt then answer then EOS.
 
+    The answer's ids are those it has after the prompt (:func:`answer_encoding`).
     Labels are -100 on the prompt, so the loss is on the answer tokens (and the EOS
     that ends the turn) only.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id")
-    prompt = render_prompt(tokenizer, question, system)
-    ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [
-        tokenizer.eos_token_id]
+    prompt, ans, _ = answer_encoding(tokenizer, question, answer, system)
+    ans = ans + [tokenizer.eos_token_id]
     return prompt + ans, [IGNORE_INDEX] * len(prompt) + ans
 
 

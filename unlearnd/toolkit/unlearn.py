@@ -84,7 +84,8 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
-"""Llama linear layers the LoRA wraps; all of them are ones vLLM packs and serves."""
+"""Linear layers the LoRA wraps (Llama, Qwen2, Mistral, Gemma name them alike); all of them
+are ones vLLM packs and serves. Layers a model lacks are left out (``lora_target_modules``)."""
 
 MAX_VLLM_RANK = 16
 """Largest LoRA rank we emit; the server starts vLLM with ``max_lora_rank`` >= this."""
@@ -618,7 +619,7 @@ def train_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unlearnd.guards.policy import load_qa_jsonl
-    from unlearnd.toolkit.training import encode_chat_example
+    from unlearnd.toolkit.training import encode_chat_example, lora_target_modules
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -735,12 +736,17 @@ def train_adapter(
                     model, b["input_ids"], b["labels"], b["attention_mask"]
                 )[0].cpu()
 
+    # the default list is the Llama family's: keep what this architecture has; a list
+    # the caller gave must exist as it is
+    targets = lora_target_modules(
+        model, target_modules, required=tuple(target_modules) != DEFAULT_TARGET_MODULES)
+    report["target_modules"] = targets
     lora = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
         bias="none",
-        target_modules=list(target_modules),
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
