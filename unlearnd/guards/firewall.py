@@ -20,14 +20,18 @@ automaton state.
 Documents add a *verbatim* firewall (:class:`VerbatimIndex`): once the last ``k - 1``
 tokens of prompt and output are a run of a forget document (over token ids, each
 document indexed as a whole and per paragraph, with and without a leading space), the
-output is *aligned* to the document and the next ``1 + lookahead`` document tokens are
-banned. The alignment follows the output: it re-anchors when the output takes up the
-document again a few tokens further, and ends after ``k`` tokens off the text, so a
-continuation that skips or replaces the banned word does not resume the document. A
-run the retain set also contains is not indexed (text the model must keep saying).
-What it does not cover: a paraphrase, or the text in another tokenisation than the
-two indexed (say, spelled letter by letter); those are the spans' and the scope
-guard's.
+output is *aligned* to the document and the document's next token is banned. The
+alignment then follows the output for up to ``k`` tokens off the text: it bans the
+document's next ``1 + lookahead`` tokens that are *rare* (not used twice by the retain
+text), and re-anchors when the output takes up the document again with a rare token a
+few tokens further, so replacing or skipping the banned word does not resume the
+document's facts. Common tokens (a template's "was born in", punctuation) are neither
+banned nor re-anchored on once off the text: a retain document that shares the forget
+documents' phrasing is not cut (measured: tests/e2e/test_documents.py). A run the
+retain set also contains is not indexed (text the model must keep saying). What it does
+not cover: a paraphrase, or the text in another tokenisation than the two indexed (say,
+spelled letter by letter); those are the spans' and the scope guard's. Without a
+retain set every token is rare: strictest, and it may cut ordinary phrasing.
 
 Suppression counts. The engine counts a *suppression* when the firewall banned the
 token the model ranked first (argmax of the row's logits as they reach the logits
@@ -147,13 +151,15 @@ class VerbatimIndex:
         k: run length; ``k - 1`` tokens of context arm the ban of the ``k``-th.
         lookahead: extra document tokens banned while aligned (see the module doc).
         conditional: the runs are active only once their item is mentioned.
+        common: token ids the retain text uses often (see the module docstring).
 
     Memory is O(tokens): the runs are keyed by a 64-bit hash in one sorted array and
     checked against the tokens on a hit (no false ban from a hash collision).
     """
 
     def __init__(self, tokens: np.ndarray, items: np.ndarray, allowed: np.ndarray, k: int,
-                 lookahead: int = 2, conditional: bool = False) -> None:
+                 lookahead: int = 2, conditional: bool = False,
+                 common: Iterable[int] = ()) -> None:
         if k < 2:
             raise ValueError(f"k must be >= 2, got {k!r}")
         self.tokens = np.asarray(tokens, dtype=np.int64)
@@ -162,7 +168,9 @@ class VerbatimIndex:
         self.lookahead = int(lookahead)
         self.conditional = bool(conditional)
         self.max_misses = self.k
+        self.common = frozenset(int(t) for t in common)
         n, m = len(self.tokens), self.k - 1
+        self._allowed = np.asarray(allowed, dtype=bool).tolist()
         starts = np.flatnonzero(np.asarray(allowed, dtype=bool)[:max(0, n - m)])
         h = np.zeros(len(starts), dtype=np.uint64)
         with np.errstate(over="ignore"):
@@ -180,7 +188,8 @@ class VerbatimIndex:
         if not info or arrays is None:
             return None
         return cls(arrays["tokens"], arrays["items"], arrays["allowed"], int(info["k"]),
-                   int(info.get("lookahead", 2)), bool(info.get("conditional", False)))
+                   int(info.get("lookahead", 2)), bool(info.get("conditional", False)),
+                   arrays["common"].tolist())
 
     def __len__(self) -> int:
         return len(self._next)
@@ -220,19 +229,21 @@ class VerbatimState:
     def push(self, t: int) -> None:
         """The next token of the text (prompt, then output)."""
         ix = self.index
-        toks = ix._list
+        toks, common = ix._list, ix.common
         moved: dict[int, int] = {}
         reach = ix.lookahead + 2
         for p, misses in self.aligned.items():
-            for j in range(reach):
-                q = p + j
-                if q >= len(toks) or toks[q] < 0:
-                    break
-                if toks[q] == t:  # the output takes the document up again at q
-                    p, misses = q + 1, 0
-                    break
+            if toks[p] == t:  # the output follows the document
+                p, misses = p + 1, 0
             else:
-                p, misses = p + 1, misses + 1
+                for q in range(p + 1, min(p + reach, len(toks))):
+                    if toks[q] < 0:
+                        break
+                    if toks[q] == t and t not in common:  # takes the text up again at q
+                        p, misses = q + 1, 0
+                        break
+                else:
+                    p, misses = p + 1, misses + 1
             if misses <= ix.max_misses and p < len(toks) and toks[p] >= 0:
                 moved[p] = min(misses, moved.get(p, misses))
         self.window.append(t)
@@ -246,18 +257,30 @@ class VerbatimState:
         self.aligned = moved
 
     def banned(self, active: set[int] | frozenset[int] = frozenset()) -> set[int]:
-        """The document tokens that may not come next."""
+        """The document tokens that may not come next: right after a run of ``k - 1``
+        document tokens, the next one; and the rare ones of the next ``1 + lookahead``."""
         ix = self.index
-        toks, items = ix._list, ix.items
+        toks, items, common = ix._list, ix.items, ix.common
         out: set[int] = set()
-        for p in self.aligned:
+        for p, misses in self.aligned.items():
             if ix.conditional and int(items[p]) not in active:
                 continue
+            if misses == 0 and self._on_run(p):
+                out.add(toks[p])
             for q in range(p, min(p + 1 + ix.lookahead, len(toks))):
                 if toks[q] < 0:
                     break
-                out.add(toks[q])
+                if toks[q] not in common:
+                    out.add(toks[q])
         return out
+
+    def _on_run(self, p: int) -> bool:
+        """The last ``k - 1`` tokens are the document's before ``p``, and the ``k``-run
+        they start with ``p`` may be banned (not shared with the retain text)."""
+        ix = self.index
+        m = ix.k - 1
+        return len(self.window) == m and p >= m and ix._allowed[p - m] and \
+            ix._list[p - m:p] == self.window
 
 
 class LeakFirewall:

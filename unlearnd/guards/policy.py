@@ -946,16 +946,22 @@ def _write_verbatim(spec: PolicySpec, tokenizer: Any, out: Path) -> dict[str, An
     """Token runs of the forget documents for the verbatim firewall, ``verbatim.npz``:
 
     ``tokens`` (int32, each variant's ids followed by -1), ``items`` (the forget item of
-    each token, -1 at separators) and ``allowed`` (bool: the ``k``-token run starting
-    here may be banned). A run the retain set also contains (its QA answers or
-    documents, either tokenisation) is not banned: text the model must keep saying.
+    each token, -1 at separators), ``allowed`` (bool: the ``k``-token run starting
+    here may be banned) and ``common`` (the token ids the retain text uses twice or
+    more). A run the retain set also contains (its QA answers or documents, either
+    tokenisation) is not banned: text the model must keep saying.
     """
     k = int(spec.verbatim_k)
     retain_runs: set[tuple[int, ...]] = set()
+    retain_counts: Counter[int] = Counter()
     for r in spec.retain:
+        retain_counts.update(tokenizer.encode(r["answer"], add_special_tokens=False))
         for variant in _paragraph_variants(r["answer"]):
             ids = tokenizer.encode(variant, add_special_tokens=False)
             retain_runs.update(tuple(ids[j:j + k]) for j in range(len(ids) - k + 1))
+    # tokens the retain text uses more than once ("was", ",", a template's words): an
+    # alignment that has left the document does not ban them nor re-anchor on them
+    common = sorted(t for t, n in retain_counts.items() if n >= 2)
     tokens: list[int] = []
     items: list[int] = []
     allowed: list[bool] = []
@@ -970,7 +976,8 @@ def _write_verbatim(spec: PolicySpec, tokenizer: Any, out: Path) -> dict[str, An
             items.append(-1)
             allowed.append(False)
     np.savez(out / VERBATIM_FILE, tokens=np.asarray(tokens, dtype=np.int32),
-             items=np.asarray(items, dtype=np.int32), allowed=np.asarray(allowed, dtype=bool))
+             items=np.asarray(items, dtype=np.int32), allowed=np.asarray(allowed, dtype=bool),
+             common=np.asarray(common, dtype=np.int32))
     n_runs = int(sum(allowed))
     logger.info("verbatim firewall: %d documents, %d token runs of %d (%d shared with "
                 "the retain set)", len(spec.documents), n_runs, k,
@@ -1119,11 +1126,14 @@ class CompiledPolicy:
         return self._embeddings
 
     def verbatim(self) -> dict[str, np.ndarray] | None:
-        """The verbatim firewall's arrays (``tokens``, ``items``, ``allowed``), or None."""
+        """The verbatim firewall's arrays (``tokens``, ``items``, ``allowed``,
+        ``common``), or None."""
         if not self.verbatim_info:
             return None
         with np.load(self.dir / self.verbatim_info["file"]) as z:
-            return {key: z[key] for key in ("tokens", "items", "allowed")}
+            out = {key: z[key] for key in ("tokens", "items", "allowed")}
+            out["common"] = z["common"] if "common" in z.files else np.zeros(0, np.int32)
+            return out
 
     def _tok(self) -> Any:
         if self._tokenizer is None:
