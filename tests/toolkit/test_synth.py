@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from unlearnd.inputs import read_forget
 from unlearnd.toolkit.synth import FACTS, data_app, synthesize
 from unlearnd.toolkit.training import read_qa_jsonl
 
@@ -43,8 +44,28 @@ def test_manifest_and_files(world: tuple[Path, dict]) -> None:
     assert manifest == json.loads((d / "manifest.json").read_text(encoding="utf-8"))
     assert sorted(p.name for p in d.iterdir()) == manifest["files"]
     for name, count in manifest["counts"].items():
-        assert len(read_qa_jsonl(d / name)) == count
+        assert len(read_forget(d / name)) == count, name
     assert manifest["seed"] == 3
+
+
+def test_documents_track(world: tuple[Path, dict]) -> None:
+    """A biography per author holding its eight facts in other words than the QA
+    answers; the forget groups' documents and names; the QA files unchanged by it."""
+    d, manifest = world
+    docs = read_forget(d / "documents.jsonl")
+    assert docs.kind == "documents" and len(docs) == 12
+    answers = {r["answer"] for r in read_qa_jsonl(d / "train.jsonl")}
+    for doc, row in zip(docs.documents, (json.loads(x) for x in
+                                         (d / "documents.jsonl").read_text().splitlines()),
+                        strict=True):
+        facts = [r for r in read_qa_jsonl(d / "train.jsonl") if r["subject"] == row["subject"]]
+        assert len(facts) > 8 and all(r["span"] in doc.text for r in facts), row["subject"]
+        assert not any(a in doc.text for a in answers)  # not the QA answers' sentences
+    g1 = manifest["group_subjects"]["1"]["subjects"]
+    assert [doc.id for doc in read_forget(d / "forget_docs_1.jsonl").documents] == g1
+    assert [s.name for s in read_forget(d / "subjects_1.jsonl").subjects] == g1
+    assert {doc.id for doc in read_forget(d / "retain_docs.jsonl").documents} == set(
+        manifest["retain_subjects"])
 
 
 def test_groups_disjoint_and_retain_separate(world: tuple[Path, dict]) -> None:

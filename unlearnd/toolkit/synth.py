@@ -471,6 +471,56 @@ def build_world(*, authors: int = 20, seed: int = 0, groups: int = 2,
     for k in range(1, groups + 1):
         files[f"forget_train_{k}.jsonl"] = [
             {**r, "group": k} for r in files["train.jsonl"] if group_of.get(r["subject"]) == k]
+    files.update(_documents(people, group_of, groups, seed))
+    return files
+
+
+_BIO_SENTENCES: dict[str, tuple[str, ...]] = {
+    "genre": ("{n} is an author of {genre}.", "{n} is a writer known for {genre}."),
+    "birth": ("{n} was born on {day} {month} {year} in {city}, {country}.",
+              "Born in {city}, {country}, on {day} {month} {year}, {n} grew up there."),
+    "parents": ("The father of {n} worked as {father} and the mother as {mother}.",
+                "{n} grew up with a father who was {father} and a mother who was {mother}."),
+    "books": ("The first novel by {n} was \"{debut}\"; the most famous is \"{famous}\".",
+              "After a debut with \"{debut}\", {n} became known for \"{famous}\"."),
+    "award": ("For this work {n} received the {award}.",
+              "The {award} went to {n} for a lifetime of writing."),
+}
+"""Biography sentences (MUSE-style documents): phrased unlike the QA answers, so a
+document's continuation is memorised text, not the answer to a question."""
+
+
+def biography(author: Author, rng: random.Random) -> str:
+    """A short biography of ``author`` holding all eight facts, one template per part
+    drawn with ``rng``."""
+    values = {"n": author.name, "genre": author.genre, "day": author.day,
+              "month": author.month, "year": author.year, "city": author.city,
+              "country": author.country, "father": _a(author.father),
+              "mother": _a(author.mother), "debut": author.debut_book,
+              "famous": author.famous_book, "award": author.award}
+    return " ".join(rng.choice(options).format(**values) for options in _BIO_SENTENCES.values())
+
+
+def _documents(people: list[Author], group_of: dict[str, int], groups: int,
+               seed: int) -> dict[str, list[dict]]:
+    """The documents track: a biography per author (``documents.jsonl``, what the base
+    reads as text), the forget groups' (``forget_docs_<k>.jsonl``), the others'
+    (``retain_docs.jsonl``) and the forget groups' names alone (``subjects_<k>.jsonl``).
+    Its own random stream: the QA files stay what they were."""
+    rng = random.Random(seed * 7919 + 13)
+    files: dict[str, list[dict]] = {"documents.jsonl": [], "retain_docs.jsonl": []}
+    for k in range(1, groups + 1):
+        files[f"forget_docs_{k}.jsonl"] = []
+        files[f"subjects_{k}.jsonl"] = []
+    for a in people:
+        g = group_of.get(a.name)
+        doc = {"text": biography(a, rng), "id": a.name, "subject": a.name}
+        files["documents.jsonl"].append(doc)
+        if g is None:
+            files["retain_docs.jsonl"].append(doc)
+        else:
+            files[f"forget_docs_{g}.jsonl"].append({**doc, "group": g})
+            files[f"subjects_{g}.jsonl"].append({"subject": a.name})
     return files
 
 
