@@ -173,3 +173,26 @@ def test_subject_names_alone_refuse_named_requests(docs_server) -> None:
     assert is_refusal(r.choices[0].text), r.choices[0].text
     assert complete("names", RETAIN[1]).choices[0].text == \
         complete("public", RETAIN[1]).choices[0].text
+
+
+def test_eval_reports_verbmem(docs_server, tmp_path: Path) -> None:
+    """`unlearnd eval --forget-documents/--retain-documents`: VerbMem beside the QA
+    metrics, in the report and its Markdown."""
+    from tests.guards.test_policy import author_qa
+    from unlearnd.toolkit.evaluate import evaluate, report_paths
+
+    forget_qa, retain_qa = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
+    forget_qa.write_text("".join(json.dumps(r) + "\n" for r in author_qa(FORGET[0])[:3]))
+    retain_qa.write_text("".join(json.dumps(r) + "\n" for r in author_qa(RETAIN[0])[:3]))
+    root = docs_server.base.parent
+    report = evaluate(docs_server.base_url, KEYS["docs"],
+                      {"forget": (forget_qa, "forget"), "retain": (retain_qa, "retain")},
+                      samples=0, max_tokens=16, out=tmp_path / "report.json",
+                      forget_documents=root / "forget_docs.jsonl",
+                      retain_documents=root / "retain_docs.jsonl",
+                      tokenizer=docs_server.base)
+    assert report["verbmem"]["forget"]["n"] == len(FORGET)
+    assert report["verbmem"]["retain"]["n"] == len(RETAIN)
+    assert report["verbmem_forget"] <= 0.3 and report["verbmem_retain"] >= 0.95
+    md = report_paths(tmp_path / "report.json")["md"].read_text()
+    assert "verbmem_forget" in md and "verbmem_retain" in md

@@ -134,6 +134,8 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "retain_accuracy",
     "over_refusal",
     "gibberish_rate",
+    "verbmem_forget",
+    "verbmem_retain",
 )
 
 
@@ -823,6 +825,9 @@ async def evaluate_async(
     sample_temperature: float = 1.0,
     out: str | Path | None = None,
     http_client: httpx.AsyncClient | None = None,
+    forget_documents: str | Path | None = None,
+    retain_documents: str | Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Async form of :func:`evaluate` (same arguments)."""
     from openai import AsyncOpenAI
@@ -844,6 +849,8 @@ async def evaluate_async(
             raise ValueError(
                 f"set {name!r} must be (path, kind) with kind in {SET_KINDS}, got {spec!r}"
             )
+    if (forget_documents or retain_documents) and tokenizer is None:
+        raise EvalError("VerbMem (forget/retain documents) needs the base model's tokenizer")
     api_base = _api_base(base_url)
     loaded = {name: load_qa(path) for name, (path, _) in sets.items()}
 
@@ -929,6 +936,16 @@ async def evaluate_async(
             "correct_rouge_threshold": CORRECT_ROUGE_THRESHOLD,
         },
     }
+    if forget_documents or retain_documents:
+        from unlearnd.toolkit.muse import verbmem_report_async
+
+        try:
+            report.update(await verbmem_report_async(
+                api_base, api_key, str(tokenizer), forget_documents=forget_documents,
+                retain_documents=retain_documents, model=model_id,
+                concurrency=concurrency))
+        except ValueError as exc:  # a bad documents file
+            raise EvalError(str(exc)) from exc
     if out is not None:
         write_report(report, all_records, out)
     report["_records"] = all_records
@@ -946,7 +963,10 @@ def evaluate(
     :func:`evaluate_async`: ``model`` (default: the first id of ``GET /v1/models``),
     ``concurrency`` (8: HTTP requests in flight, with a progress bar), ``max_tokens``
     (96), ``temperature`` (0.0, the scored answer), ``samples`` (k = 8; 0 disables
-    leak@k) and ``sample_temperature`` (1.0), ``out`` and ``http_client``.
+    leak@k) and ``sample_temperature`` (1.0), ``out`` and ``http_client``;
+    ``forget_documents``/``retain_documents`` (document files) with ``tokenizer`` (the
+    base model dir) add MUSE's VerbMem (:mod:`unlearnd.toolkit.muse`):
+    ``verbmem_forget``, ``verbmem_retain`` and their per-document detail.
 
     Each forget/probe question is also sent once with ``n = samples`` at
     ``sample_temperature``; when the server answers 400 naming ``n`` (above its
@@ -1194,7 +1214,8 @@ def eval_cmd(
     ] = None,
     tokenizer: Annotated[
         Path | None,
-        typer.Option("--tokenizer", help="--attacks: the served base model's HF directory."),
+        typer.Option("--tokenizer", help="--attacks, --forget-documents: the served base "
+                     "model's HF directory."),
     ] = None,
     attack: Annotated[
         list[str] | None, typer.Option("--attack", help="--attacks: only this one (repeatable).")
@@ -1207,12 +1228,24 @@ def eval_cmd(
         typer.Option("--fail-above", help="--attacks: exit 1 when a conditional leak rate "
                      "exceeds this."),
     ] = None,
+    forget_documents: Annotated[
+        Path | None,
+        typer.Option("--forget-documents", help="VerbMem (MUSE) on these forget documents "
+                     "(text file, directory or JSONL with 'text'); needs --tokenizer."),
+    ] = None,
+    retain_documents: Annotated[
+        Path | None,
+        typer.Option("--retain-documents", help="VerbMem on these retain documents."),
+    ] = None,
 ) -> None:
     """Measure leaks (greedy and leak@k), retain accuracy, over-refusal and gibberish
     through a running server; with --attacks, then attack the tenant (report beside
     --out as <stem>.attacks.json/.md/.png)."""
     if attacks and (baseline_key is None or tokenizer is None):
         typer.echo("error: --attacks needs --baseline-key and --tokenizer", err=True)
+        raise typer.Exit(2)
+    if (forget_documents or retain_documents) and tokenizer is None:
+        typer.echo("error: --forget-documents/--retain-documents need --tokenizer", err=True)
         raise typer.Exit(2)
     try:
         sets: dict[str, tuple[str | Path, str]] = {
@@ -1237,6 +1270,9 @@ def eval_cmd(
             samples=samples,
             sample_temperature=sample_temperature,
             out=out,
+            forget_documents=forget_documents,
+            retain_documents=retain_documents,
+            tokenizer=tokenizer,
         )
     except EvalError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -10,7 +10,9 @@ MUSE (Shi et al., 2024) unlearns documents (books, news) and reports
 
 :func:`verbmem_cases` cuts the prompts, :func:`verbmem_api` sends them through a
 running server's ``/v1/completions`` (the prompt as token ids, so exactly the first
-``l`` tokens reach the model), :func:`verbmem_local` runs them on a transformers model
+``l`` tokens reach the model; :func:`verbmem_report_async` does it for a tenant's
+forget and retain documents, what ``unlearnd eval --forget-documents`` reports),
+:func:`verbmem_local` runs them on a transformers model
 (trainers' reports), :func:`verbmem_score` averages. :func:`text_examples` turns
 documents into plain language-modelling examples (no chat template) for training.
 """
@@ -21,12 +23,13 @@ import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from unlearnd.guards.spans import lcs_length
 
 __all__ = ["VerbMemCase", "rouge_l_f1", "verbmem_cases", "verbmem_score", "verbmem_api",
-           "verbmem_local", "text_examples"]
+           "verbmem_api_async", "verbmem_local", "verbmem_report_async", "text_examples"]
 
 DEFAULT_PREFIX_TOKENS = 32
 DEFAULT_CONTINUATION_TOKENS = 64
@@ -91,18 +94,18 @@ def verbmem_score(cases: Sequence[VerbMemCase], outputs: Sequence[str]) -> float
     return sum(rouge_l_f1(o, c.gold) for c, o in zip(cases, outputs, strict=True)) / len(cases)
 
 
-def verbmem_api(base_url: str, api_key: str, cases: Sequence[VerbMemCase], *,
-                model: str | None = None, max_tokens: int = DEFAULT_CONTINUATION_TOKENS,
-                concurrency: int = 8) -> list[str]:
+async def verbmem_api_async(base_url: str, api_key: str, cases: Sequence[VerbMemCase], *,
+                            model: str | None = None,
+                            max_tokens: int = DEFAULT_CONTINUATION_TOKENS,
+                            concurrency: int = 8) -> list[str]:
     """Greedy continuations of ``cases`` from a server's ``/v1/completions`` (prompts
     as token ids). A failed request raises (the caller decides what a 4xx means)."""
     from openai import AsyncOpenAI
 
     url = base_url.rstrip("/")
     url = url if url.endswith("/v1") else url + "/v1"
-
-    async def run() -> list[str]:
-        client = AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0)
+    client = AsyncOpenAI(base_url=url, api_key=api_key, max_retries=2)
+    try:
         name = model or (await client.models.list()).data[0].id
         sem = asyncio.Semaphore(concurrency)
 
@@ -113,12 +116,15 @@ def verbmem_api(base_url: str, api_key: str, cases: Sequence[VerbMemCase], *,
                     temperature=0.0)
             return r.choices[0].text or ""
 
-        try:
-            return list(await asyncio.gather(*(one(c) for c in cases)))
-        finally:
-            await client.close()
+        return list(await asyncio.gather(*(one(c) for c in cases)))
+    finally:
+        await client.close()
 
-    return asyncio.run(run())
+
+def verbmem_api(base_url: str, api_key: str, cases: Sequence[VerbMemCase],
+                **options: Any) -> list[str]:
+    """:func:`verbmem_api_async` from synchronous code."""
+    return asyncio.run(verbmem_api_async(base_url, api_key, cases, **options))
 
 
 def verbmem_local(model: Any, tokenizer: Any, cases: Sequence[VerbMemCase], *,
@@ -166,4 +172,40 @@ def text_examples(tokenizer: Any, texts: Sequence[str], *, max_len: int = 256,
                 out.append((window, list(window)))
             if lo + max_len >= len(ids):
                 break
+    return out
+
+
+async def verbmem_report_async(base_url: str, api_key: str, tokenizer_dir: str | Path, *,
+                               forget_documents: str | Path | None = None,
+                               retain_documents: str | Path | None = None,
+                               model: str | None = None,
+                               prefix_tokens: int = DEFAULT_PREFIX_TOKENS,
+                               continuation_tokens: int = DEFAULT_CONTINUATION_TOKENS,
+                               concurrency: int = 8) -> dict[str, Any]:
+    """VerbMem of one tenant through the server on the forget and retain documents
+    (document files as :func:`unlearnd.inputs.load_documents` reads them):
+    ``verbmem_forget``, ``verbmem_retain`` (None for a set not given) and ``verbmem``
+    (per set: n, prefix/continuation tokens, and each document's score and output)."""
+    from transformers import AutoTokenizer
+
+    from unlearnd.inputs import load_documents
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    out: dict[str, Any] = {"verbmem_forget": None, "verbmem_retain": None, "verbmem": {}}
+    for name, path in (("forget", forget_documents), ("retain", retain_documents)):
+        if path is None:
+            continue
+        docs = [d.text for d in load_documents(path)]
+        cases = verbmem_cases(tok, docs, prefix_tokens=prefix_tokens,
+                              continuation_tokens=continuation_tokens)
+        outputs = await verbmem_api_async(base_url, api_key, cases, model=model,
+                                          max_tokens=continuation_tokens,
+                                          concurrency=concurrency)
+        out[f"verbmem_{name}"] = verbmem_score(cases, outputs)
+        out["verbmem"][name] = {
+            "n": len(cases), "prefix_tokens": prefix_tokens,
+            "continuation_tokens": continuation_tokens,
+            "cases": [{"document": c.source, "prompt": c.prompt, "gold": c.gold,
+                       "output": o, "rouge_l_f1": rouge_l_f1(o, c.gold)}
+                      for c, o in zip(cases, outputs, strict=True)]}
     return out
