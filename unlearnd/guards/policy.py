@@ -16,8 +16,10 @@ subject (an author, a person, a topic). Each item carries
 processes (the API process and the engine process)::
 
     DIR/policy.json      format "unlearnd.policy/1": settings, items, token ids of aliases
-                         and spans with the base model's tokenizer (both byte-level BPE
-                         variants: with and without a leading space), the EOS id
+                         and spans with the base model's tokenizer (each as it reads
+                         at a text's start, after a space, after punctuation and at a
+                         reply's start: byte-level BPE and SentencePiece alike), the EOS
+                         id, the chat template's reply context
     DIR/tokenizer/       the base model's tokenizer files (to render refusals)
     DIR/embeddings.npy   forget-question embeddings (when the embedding signal is on)
     DIR/assistant/       the contrastive assistant model (when given)
@@ -696,24 +698,59 @@ def surface_forms(span: str, texts: Iterable[str]) -> list[str]:
 
 
 def _variants(surfaces: Iterable[str], lower: bool = False) -> list[str]:
-    """Each surface with and without a leading space; with ``lower`` also lower-cased
-    and Capitalised (a fact's word is the same fact in either case)."""
+    """The surfaces; with ``lower`` also lower-cased and Capitalised (a fact's word is
+    the same fact in either case). :func:`_token_ids` adds the tokenisation contexts."""
     out: list[str] = []
     for s in surfaces:
-        forms = [s, s.lower(), s[:1].upper() + s[1:]] if lower else [s]
-        for f in forms:
-            for v in (f, " " + f):
-                if v not in out:
-                    out.append(v)
+        for f in ([s, s.lower(), s[:1].upper() + s[1:]] if lower else [s]):
+            if f not in out:
+                out.append(f)
     return out
 
 
-def _token_ids(tokenizer: Any, texts: Iterable[str]) -> list[list[int]]:
+_CONTEXTS = (("", ""), ("x", " "), ('"', ""))
+"""(context, joiner) pairs a text is tokenised after (:func:`ids_after`): the start of a
+text, after a word and a space, glued to punctuation. Byte-level BPE (Llama-3, Qwen)
+marks a word start with the space itself, SentencePiece (Llama-2, Mistral, Gemma) with
+``▁`` and adds one at a text's start: the three cover both without knowing which."""
+
+
+def ids_after(tokenizer: Any, context: str, text: str, joiner: str = "") -> list[int] | None:
+    """Token ids of ``joiner + text`` as they follow ``context`` (``context`` encoded
+    with and without it, the common prefix dropped); None when the context's ids are
+    not a prefix (the two merged into one token)."""
+    if not context:
+        return list(tokenizer.encode(joiner + text, add_special_tokens=False))
+    head = list(tokenizer.encode(context, add_special_tokens=False))
+    full = list(tokenizer.encode(context + joiner + text, add_special_tokens=False))
+    if full[:len(head)] != head:
+        return None
+    return full[len(head):]
+
+
+def reply_context(tokenizer: Any) -> str:
+    """What the chat template puts between a user's message and the reply (the
+    generation prompt, e.g. ``<|end|><|assistant|>``): a reply's first word is
+    tokenised after it. "" when the tokenizer has no chat template."""
+    marker = "\u2063unlearnd\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}],
+                                             add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - no or a broken template: no reply context
+        return ""
+    return text[text.rindex(marker) + len(marker):] if marker in text else ""
+
+
+def _token_ids(tokenizer: Any, texts: Iterable[str], reply: str = "") -> list[list[int]]:
+    """Each text's ids in every context of :data:`_CONTEXTS` and after ``reply`` (the
+    start of a reply), deduplicated: what the text is as the model would emit it."""
+    contexts = _CONTEXTS + (((reply, ""),) if reply else ())
     out: list[list[int]] = []
     for t in texts:
-        ids = list(tokenizer.encode(t, add_special_tokens=False))
-        if ids and ids not in out:
-            out.append(ids)
+        for context, joiner in contexts:
+            ids = ids_after(tokenizer, context, t, joiner)
+            if ids and ids not in out:
+                out.append(ids)
     return out
 
 
@@ -818,8 +855,9 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
     # its next token once its first `firewall_prefix_tokens` tokens were generated, so
     # a retain answer holding the span's first prefix+1 tokens gets cut there.
     arm = spec.firewall_prefix_tokens + 1
+    reply = reply_context(tokenizer)
     retain_openings = {tuple(ids[i:i + arm])
-                       for ids in (tokenizer.encode(r["answer"], add_special_tokens=False)
+                       for ids in (ids_after(tokenizer, reply, r["answer"]) or []
                                    for r in spec.retain)
                        for i in range(len(ids) - arm + 1)}
     term_df: Counter[str] = Counter()
@@ -843,12 +881,12 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
             "descriptors": item.descriptors,
             "descriptor_terms": descriptor_terms,
         })
-        for ids in _token_ids(tokenizer, _variants(item.aliases, lower=True)):
+        for ids in _token_ids(tokenizer, _variants(item.aliases, lower=True), reply):
             alias_ids.append({"item": i, "ids": ids})
         for sp in item.spans:
             surfaces = surface_forms(sp, texts) or [sp]
             cond = _conditional(sp, alias_words, spec.firewall_conditioning)
-            for ids in _token_ids(tokenizer, _variants(surfaces)):
+            for ids in _token_ids(tokenizer, _variants(surfaces), reply):
                 # A span whose opening the retain answers also say ("through social
                 # media", "in the face of") is only active with its subject in
                 # context: always active, such spans cut 66 of TOFU's 300 retain
@@ -866,12 +904,13 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
                 for w in span_words:
                     if w in STOPWORDS or (len(w) < 2 and not w.isdigit()):
                         continue
-                    own = _token_ids(tokenizer, _variants(surface_forms(w, texts) or [w]))
+                    own = _token_ids(tokenizer, _variants(surface_forms(w, texts) or [w]),
+                                     reply)
                     # the other case too (" cartographer" gives away "The Hollow
                     # Cartographer"), unless its first token is a short piece (" C"):
                     # banning that would cut every word it starts
                     cased = [ids for ids in _token_ids(tokenizer, _variants(
-                        surface_forms(w, texts) or [w], lower=True)) if ids not in own
+                        surface_forms(w, texts) or [w], lower=True), reply) if ids not in own
                         and len(tokenizer.decode(ids[:1]).strip()) >= 3]
                     for ids in own + cased:
                         span_ids.append({"item": i, "text": w, "ids": ids,
@@ -915,6 +954,7 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
         "format": FORMAT,
         "settings": spec.settings(),
         "eos_token_id": int(tokenizer.eos_token_id),
+        "reply_context": reply,
         "vocab_size": int(len(tokenizer)),
         "items": items_json,
         "alias_token_ids": alias_ids,
@@ -1079,6 +1119,7 @@ class CompiledPolicy:
                                for s in doc["span_token_ids"]]
         self.embedding_info: dict[str, Any] | None = doc.get("embedding")
         self.verbatim_info: dict[str, Any] | None = doc.get("verbatim")
+        self.reply_context: str = doc.get("reply_context", "")
         self.assistant_dir = self.dir / doc["assistant"] if doc.get("assistant") else None
         self._embeddings: np.ndarray | None = None
         self._tokenizer: Any = None
@@ -1144,9 +1185,28 @@ class CompiledPolicy:
         """Token ids of ``text`` with the base model's tokenizer (no special tokens)."""
         return list(self._tok().encode(text, add_special_tokens=False).ids)
 
+    def encode_reply(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the start of a reply: after the chat template's
+        generation prompt (``reply_context``), as the model emits it (a SentencePiece
+        tokenizer marks a text's first word with ``▁``, a reply's first word not)."""
+        if self.reply_context:
+            head = self.encode(self.reply_context)
+            full = self.encode(self.reply_context + text)
+            if full[:len(head)] == head and len(full) > len(head):
+                return full[len(head):]
+        return self.encode(text)
+
     def token_text(self, token_id: int) -> str:
-        """The text of one token id (decoded alone)."""
-        return str(self._tok().decode([int(token_id)], skip_special_tokens=False))
+        """The text of one token id as it reads after a word: " word" for a token that
+        starts a word (byte-level BPE's space, SentencePiece's ``▁``; decoded alone, a
+        SentencePiece decoder drops a first token's mark), "ing" for one that does not."""
+        tok = self._tok()
+        anchor = tok.encode("x", add_special_tokens=False).ids[-1:]
+        both = str(tok.decode(anchor + [int(token_id)], skip_special_tokens=False))
+        alone = str(tok.decode(anchor, skip_special_tokens=False))
+        if anchor and both.startswith(alone):
+            return both[len(alone):]
+        return str(tok.decode([int(token_id)], skip_special_tokens=False))
 
     def derived(self, key: str, build: Any) -> Any:
         """Per-policy memo for structures the guards build once (firewall, scope index)."""

@@ -88,7 +88,7 @@ def render_refusal(policy: CompiledPolicy, decision: ScopeDecision) -> str:
 
 def refusal_token_ids(policy: CompiledPolicy, decision: ScopeDecision) -> list[int]:
     """Token ids of :func:`render_refusal` with the policy's copy of the base tokenizer."""
-    return policy.encode(render_refusal(policy, decision))
+    return policy.encode_reply(render_refusal(policy, decision))
 
 
 class RefusalSteering:

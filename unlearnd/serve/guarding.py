@@ -111,7 +111,7 @@ class GuardPipeline:
             extra["unlearnd_in_scope"] = 1
             extra["unlearnd_item"] = int(d.item)
             refusal = render_refusal(self.policy, d)
-            extra["unlearnd_refusal_ids"] = self.policy.encode(refusal)
+            extra["unlearnd_refusal_ids"] = self.policy.encode_reply(refusal)
         return GuardResult("in_scope" if d.in_scope else "out_of_scope", d.reason,
                            float(d.score), int(d.item), d.subject, extra,
                            time.perf_counter() - t0, named=d.named, mention=d.mention,
