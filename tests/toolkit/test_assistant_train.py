@@ -191,3 +191,17 @@ def test_lora_assistants_share_the_base_layers(base_dir: Path, tmp_path: Path) -
     torch.testing.assert_close(got2, want2, atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="save"):
         train_assistant(base_dir, lora_one, retain, tmp_path / "x", save="bogus")
+
+
+def test_assistant_learns_documents_as_text(base_dir: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": " ".join(a for _, a in FORGET)}) + "\n")
+    retain = _write(tmp_path / "retain.jsonl", RETAIN)
+    out = train_assistant(base_dir, docs, retain, tmp_path / "assistant", max_steps=2,
+                          progress=False)
+    report = json.loads((out / "assistant_report.json").read_text())
+    assert report["steps"] == 2 and report["forget_rows"] == 1
+    names = tmp_path / "names.jsonl"
+    names.write_text(json.dumps({"subject": "Mara Quell"}) + "\n")
+    with pytest.raises(ValueError, match="names only"):
+        train_assistant(base_dir, names, retain, tmp_path / "x", max_steps=1)

@@ -282,3 +282,41 @@ def test_report_compares_base_and_adapter(world: dict[str, Path]) -> None:
     # the first row names Mara Quell, so its target may say it (as the question does)
     assert report["refusal_example"].count("Mara Quell") == 2
     assert report["refusal_names_subject"] is True
+
+
+def test_documents_are_unlearnt_as_text(world: dict[str, Path]) -> None:
+    """A documents forget set trains NPO on the texts (no chat template) and reports
+    VerbMem; `reasoning` and names-only subjects are refused with what to do instead."""
+    docs = _write_jsonl(world["root"] / "docs.jsonl",
+                        [{"text": " ".join(r["answer"] for r in FORGET)}])
+    report = unlearn.train_adapter(world["base"], docs, world["retain"],
+                                   world["root"] / "npo_docs", method="npo", batch_size=2,
+                                   max_steps=3, eval_limit=4, progress=False)
+    assert report["forget_kind"] == "documents" and report["steps"] == 3
+    assert (world["root"] / "npo_docs" / "adapter_config.json").is_file()
+    for scores in (report["base_scores"], report["adapter_scores"]):
+        assert 0.0 <= scores["forget_verbmem"] <= 1.0
+        assert "retain_exact_match" in scores
+    with pytest.raises(ValueError, match="'reasoning' trains refusals to questions"):
+        unlearn.train_adapter(world["base"], docs, world["retain"], world["root"] / "x",
+                              method="reasoning", max_steps=1, progress=False)
+    names = _write_jsonl(world["root"] / "names.jsonl", [{"subject": "Mara Quell"}])
+    with pytest.raises(ValueError, match="names only"):
+        unlearn.train_adapter(world["base"], names, world["retain"], world["root"] / "x",
+                              method="npo", max_steps=1, progress=False)
+    assert not (world["root"] / "x").exists(), "a refused run must write nothing"
+
+
+def test_cli_reports_bad_forget_input(world: dict[str, Path], tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ""}\n')
+    app = typer.Typer()
+    app.command()(unlearn.train_adapter_cmd)
+    res = CliRunner().invoke(app, ["--base", str(world["base"]), "--forget", str(bad),
+                                   "--retain", str(world["retain"]), "--out",
+                                   str(tmp_path / "o"), "--method", "npo"])
+    assert res.exit_code == 2 and "'text' is empty" in res.output, res.output
+    assert not (tmp_path / "o").exists()

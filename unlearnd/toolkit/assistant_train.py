@@ -43,7 +43,8 @@ import torch.nn.functional as F
 import typer
 
 from unlearnd.guards.assistant import ASSISTANT_FILE, ASSISTANT_FORMAT, build_assistant
-from unlearnd.guards.policy import load_qa_jsonl
+from unlearnd.inputs import read_forget, read_retain
+from unlearnd.toolkit.muse import text_examples
 from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
 from unlearnd.toolkit.training import (
     answer_encoding,
@@ -216,13 +217,17 @@ def train_assistant(
     device: str = "cpu",
     progress: bool = True,
     save: str = "merged",
+    kind: str = "auto",
 ) -> Path:
     """Build, train and save the ULD assistant for a forget/retain pair.
 
     Args:
         base_dir: base model dir (HF format, tokenizer with a chat template).
-        forget_path: forget set, QA JSONL (the assistant learns to answer it).
-        retain_path: retain set, QA JSONL (the assistant learns a uniform distribution).
+        forget_path: forget set (the assistant learns to answer it): QA JSONL, documents
+            or subjects with facts (``kind``, detected by default), the latter two learnt
+            as text.
+        retain_path: retain set, QA JSONL or documents (the assistant learns a uniform
+            distribution).
         out_dir: where the merged assistant model is written.
         layers: decoder layers kept from the base (default ``max(1, base_layers // 4)``).
         lora_rank: LoRA rank; ``lora_alpha`` defaults to ``2 * lora_rank``.
@@ -263,7 +268,12 @@ def train_assistant(
         raise ValueError(f"retain_weight must be >= 0, got {retain_weight}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
-    forget_rows, retain_rows = load_qa_jsonl(forget_path), load_qa_jsonl(retain_path)
+    forget_set, retain_set = read_forget(forget_path, kind), read_retain(retain_path)
+    forget_rows, retain_rows = forget_set.qa, retain_set.qa
+    forget_texts = forget_set.texts() if forget_set.kind != "qa" else []
+    if forget_set.kind != "qa" and not forget_texts:
+        raise ValueError(f"{forget_path}: subjects with names only leave the assistant "
+                         "nothing to learn; add 'description' or 'facts'")
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -277,7 +287,12 @@ def train_assistant(
     forget_train = [(ids, mark_fact_tokens(tokenizer, r["question"], r["answer"], labels,
                                            background))
                     for (ids, labels), r in zip(forget, forget_rows, strict=True)]
+    # documents (and subjects' facts) are learnt as text, every token: the assistant
+    # must predict the document's next token for the contrast to remove it
+    forget_train += text_examples(tokenizer, forget_texts)
+    forget += text_examples(tokenizer, forget_texts)
     retain = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
+    retain += text_examples(tokenizer, [d.text for d in retain_set.documents])
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     n_base = int(base.config.num_hidden_layers)
@@ -362,10 +377,11 @@ def train_assistant(
 
 def train_assistant_cmd(
     base: Annotated[Path, typer.Option("--base", help="Base model dir (HF format).")],
-    forget: Annotated[Path, typer.Option("--forget",
-                                         help="Forget set, QA JSONL (the assistant learns it).")],
-    retain: Annotated[Path, typer.Option("--retain",
-                                         help="Retain set, QA JSONL (assistant goes uniform).")],
+    forget: Annotated[Path, typer.Option(
+        "--forget", help="Forget set (the assistant learns it): QA JSONL, documents or "
+        "subjects with facts.")],
+    retain: Annotated[Path, typer.Option(
+        "--retain", help="Retain set, QA JSONL or documents (assistant goes uniform).")],
     out: Annotated[Path, typer.Option("--out", help="Output dir of the merged assistant model.")],
     layers: Annotated[int | None, typer.Option(
         "--layers", help="Decoder layers kept from the base (default: a quarter).")] = None,
@@ -377,13 +393,21 @@ def train_assistant_cmd(
     save: Annotated[str, typer.Option(
         "--save", help="merged: a plain model; lora: only the LoRA over the base's first "
         "K layers, which tenants on one base then share in the engine.")] = "merged",
+    kind: Annotated[str, typer.Option(
+        "--kind", help="Forget set kind: auto, qa, documents or subjects.")] = "auto",
 ) -> None:
     """Train the ULD assistant (remembers the forget set, uniform on the retain set)."""
     if save not in ("merged", "lora"):
         raise typer.BadParameter(f"--save must be merged or lora, got {save!r}")
+    try:  # bad input is an error message, before any model loads
+        read_forget(forget, kind)
+        read_retain(retain)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     set_threads()
     out_dir = train_assistant(base, forget, retain, out, layers=layers, epochs=epochs, lr=lr,
-                              retain_weight=retain_weight, seed=seed, save=save)
+                              retain_weight=retain_weight, seed=seed, save=save, kind=kind)
     report = json.loads((out_dir / REPORT_NAME).read_text())
     after, before = report["after"], report["before"]
     typer.echo(f"assistant: {report['layers']} of {report['base_layers']} layers, "

@@ -32,7 +32,8 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from unlearnd.guards.policy import load_qa_jsonl
+from unlearnd.inputs import load_documents, load_qa_jsonl
+from unlearnd.toolkit.muse import text_examples, verbmem_cases, verbmem_local, verbmem_score
 from unlearnd.toolkit.tiny import (
     ARCHITECTURES,
     BYTE_TOKENS,
@@ -136,17 +137,26 @@ def build_base(
     arch: str = "llama",
     tokenizer: str = "bpe",
     tie_embeddings: bool = True,
+    documents: list[Path] | None = None,
+    documents_repeat: int = 4,
 ) -> dict:
     """Train a tokenizer and a small causal LM on the QA files `data`; save to `out_dir`.
+
+    `documents`: document files (:func:`unlearnd.inputs.load_documents`) the model also
+    reads as plain text (no chat template, loss on every token; each document
+    `documents_repeat` times per epoch, as pre-training repeats what a model ends up
+    reciting); the report then holds their ``documents_verbmem`` (MUSE VerbMem of the
+    first 32 tokens' continuation, :mod:`unlearnd.toolkit.muse`).
 
     `arch`: ``llama`` or ``qwen2``; `tokenizer`: ``bpe`` or ``sentencepiece``;
     `tie_embeddings`: the LM head shares the input embeddings (the default).
 
     Trains (AdamW, one-cycle LR over `epochs`, loss on answer tokens only) until the
-    greedy exact match on the training answers reaches `target_em` or `epochs` or
-    `max_minutes` run out. Progress is checked on a sample of `eval_sample` training
-    rows; the final report measures every row. Returns the report (also printed via
-    the logger and written to ``out_dir/build_report.json``): ``em`` (overall),
+    greedy exact match on the training answers (and the documents' VerbMem, when
+    given) reaches `target_em` or `epochs` or `max_minutes` run out. Progress is
+    checked on a sample of `eval_sample` training rows; the final report measures
+    every row. Returns the report (also printed via the logger and written to
+    ``out_dir/build_report.json``): ``em`` (overall),
     ``em_per_file``, ``n``, ``epochs_run``, ``seconds``, ``params``, ``reached_target``.
     """
     check_arch_tokenizer(arch, tokenizer)
@@ -169,8 +179,11 @@ def build_base(
     out_dir = Path(out_dir)
     rows_per_file = {str(p): load_qa_jsonl(p) for p in data}  # raises on an empty file
     rows = [r for rs in rows_per_file.values() for r in rs]
+    if documents_repeat < 1:
+        raise ValueError(f"documents_repeat must be >= 1, got {documents_repeat}")
+    doc_texts = [d.text for p in documents or [] for d in load_documents(p)]
 
-    texts = [t for r in rows for t in (r["question"], r["answer"])]
+    texts = [t for r in rows for t in (r["question"], r["answer"])] + doc_texts
     tokenizer_kind = tokenizer
     tokenizer = train_tokenizer(texts, out_dir, vocab_size=vocab_size, kind=tokenizer_kind,
                                 arch=arch)
@@ -180,6 +193,7 @@ def build_base(
         examples.append((ids[:max_len], labels[:max_len]))
     longest_answer = max(sum(1 for x in lab if x != -100) for _, lab in examples)
     max_new = min(max_len, longest_answer + 8)
+    examples += text_examples(tokenizer, doc_texts, max_len=max_len) * documents_repeat
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -203,6 +217,8 @@ def build_base(
     sample = rng.sample(rows, min(eval_sample, len(rows)))
     deadline = t0 + max_minutes * 60.0
     em_sample = 0.0
+    doc_cases = verbmem_cases(tokenizer, doc_texts) if doc_texts else []
+    verbmem = 0.0 if doc_cases else 1.0  # documents must be recited too, when given
     epochs_run = 0
     loss_val = float("nan")
     from tqdm.auto import tqdm
@@ -237,10 +253,12 @@ def build_base(
         # (and not when time is up or on the last epoch: the full report follows).
         if loss_val < 0.15 and not out_of_time and epochs_run < epochs:
             em_sample = _eval_em(model, tokenizer, sample, max_new)
+            if doc_cases and em_sample >= target_em:
+                verbmem = verbmem_score(doc_cases, verbmem_local(model, tokenizer, doc_cases))
         bar.set_postfix(loss=f"{loss_val:.3f}", em=f"{em_sample:.2f}")
-        logger.info("epoch %d: loss %.4f, sample EM %.3f, %.0f s", epochs_run, loss_val,
-                    em_sample, time.monotonic() - t0)
-        if em_sample >= target_em or out_of_time:
+        logger.info("epoch %d: loss %.4f, sample EM %.3f, documents VerbMem %.3f, %.0f s",
+                    epochs_run, loss_val, em_sample, verbmem, time.monotonic() - t0)
+        if (em_sample >= target_em and verbmem >= target_em) or out_of_time:
             break
     bar.close()
 
@@ -253,6 +271,10 @@ def build_base(
         em_per_file[name] = sum(hits[i:i + len(rs)]) / max(len(rs), 1)
         i += len(rs)
     em = sum(hits) / len(hits)
+    documents_verbmem = None
+    if doc_cases:
+        documents_verbmem = verbmem_score(doc_cases,
+                                          verbmem_local(model, tokenizer, doc_cases))
 
     model.save_pretrained(str(out_dir), safe_serialization=True)
     gen_cfg = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -275,6 +297,9 @@ def build_base(
                     "arch": arch, "tokenizer": tokenizer_kind,
                     "tie_embeddings": tie_embeddings},
         "data": [str(p) for p in data],
+        "documents": [str(p) for p in documents or []],
+        "n_documents": len(doc_texts),
+        "documents_verbmem": documents_verbmem,
     }
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=2))
     logger.info("build-base: EM %.3f on %d rows after %d epochs, %.0f s", em, len(rows),
@@ -305,8 +330,12 @@ def build_base_cmd(
     tie_embeddings: Annotated[bool, typer.Option(
         "--tie-embeddings/--untie-embeddings",
         help="LM head shares the input embeddings.")] = True,
+    documents: Annotated[list[Path] | None, typer.Option(
+        "--documents", help="Documents it also reads as text (text file, directory or "
+        "JSONL with 'text'; repeatable).")] = None,
 ) -> None:
-    """Train the demo base model (tokenizer + small Llama or Qwen2) on QA JSONL files."""
+    """Train the demo base model (tokenizer + small Llama or Qwen2) on QA JSONL files
+    (and documents as text)."""
     for option, value, allowed in (("--arch", arch, ARCHITECTURES),
                                    ("--tokenizer", tokenizer, TOKENIZERS)):
         if value not in allowed:
@@ -320,5 +349,5 @@ def build_base_cmd(
                         vocab_size=vocab_size, epochs=epochs, lr=lr, batch_size=batch_size,
                         seed=seed, target_em=target_em, max_minutes=max_minutes,
                         threads=threads, arch=arch, tokenizer=tokenizer,
-                        tie_embeddings=tie_embeddings)
+                        tie_embeddings=tie_embeddings, documents=documents)
     typer.echo(json.dumps(report, indent=2))

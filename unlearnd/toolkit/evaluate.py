@@ -80,7 +80,6 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import typer
 
-from unlearnd.guards.policy import load_qa_jsonl
 from unlearnd.guards.spans import (
     FILLER,
     STOPWORDS,
@@ -92,6 +91,7 @@ from unlearnd.guards.spans import (
     stem,
     words,
 )
+from unlearnd.inputs import load_qa_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class EvalError(ValueError):
 def load_qa(path: str | Path) -> list[dict[str, Any]]:
     """Read a QA JSONL file: one ``{"question": str, "answer": str, ...}`` per line.
 
-    :func:`unlearnd.guards.policy.load_qa_jsonl` (blank lines skipped, extra keys
+    :func:`unlearnd.inputs.load_qa_jsonl` (blank lines skipped, extra keys
     kept), raising :class:`EvalError` instead of ValueError: naming the file (missing,
     unreadable, empty) or the file and line number (bad JSON, not an object, missing
     or non-string ``question``/``answer``).

@@ -153,19 +153,21 @@ def verbmem_local(model: Any, tokenizer: Any, cases: Sequence[VerbMemCase], *,
 
 
 def text_examples(tokenizer: Any, texts: Sequence[str], *, max_len: int = 256,
-                  stride: int | None = None, bos: bool = True
+                  stride: int | None = None, bos: bool = True, eos: bool = True
                   ) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, labels)`` language-modelling examples of ``texts``: each text's
-    tokens (after a BOS) in windows of ``max_len`` every ``stride`` tokens (default:
-    ``max_len``, no overlap), every token labelled. No chat template: a document is
-    text, as a base model reads it in pre-training."""
+    tokens (after a BOS, before an EOS: the model learns where a document ends) in
+    windows of ``max_len`` every ``stride`` tokens (default: ``max_len``, no overlap),
+    every token labelled. No chat template: a document is text, as a base model reads
+    it in pre-training."""
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
     stride = stride or max_len
     start = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    end = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
     out = []
     for text in texts:
-        ids = start + list(tokenizer.encode(text, add_special_tokens=False))
+        ids = start + list(tokenizer.encode(text, add_special_tokens=False)) + end
         for lo in range(0, max(1, len(ids) - 1), stride):
             window = ids[lo:lo + max_len]
             if len(window) >= 2:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from unlearnd.guards.policy import load_qa_jsonl
+from unlearnd.inputs import load_qa_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -205,4 +205,4 @@ def span_present(pred: str, span: str) -> bool:
 
 
 read_qa_jsonl = load_qa_jsonl
-"""The package's QA JSONL reader, :func:`unlearnd.guards.policy.load_qa_jsonl` (alias)."""
+"""The package's QA JSONL reader, :func:`unlearnd.inputs.load_qa_jsonl` (alias)."""

@@ -570,6 +570,35 @@ def _eval_model(
     return score_outputs(forget_rows, f_out, retain_rows, r_out, subjects), f_out, r_out
 
 
+def _eval_text(model: Any, tokenizer: Any, forget_texts: list[str],
+               retain_rows: list[dict[str, Any]], retain_texts: list[str],
+               max_new_tokens: int, batch_size: int
+               ) -> tuple[dict[str, float], list[str], list[str]]:
+    """An adapter trained on text: VerbMem (:mod:`unlearnd.toolkit.muse`) of the forget
+    texts, and of the retain documents or exact match of the retain answers."""
+    from unlearnd.toolkit.muse import verbmem_cases, verbmem_local, verbmem_score
+    from unlearnd.toolkit.training import greedy_answers
+
+    model.eval()
+    cases = verbmem_cases(tokenizer, forget_texts)
+    f_out = verbmem_local(model, tokenizer, cases, max_tokens=max_new_tokens)
+    scores: dict[str, float] = {"forget_verbmem": verbmem_score(cases, f_out) or 0.0,
+                                "forget_gibberish_rate": sum(looks_gibberish(o) for o in f_out)
+                                / max(len(f_out), 1)}
+    r_out: list[str] = []
+    if retain_texts:
+        r_cases = verbmem_cases(tokenizer, retain_texts)
+        r_out = verbmem_local(model, tokenizer, r_cases, max_tokens=max_new_tokens)
+        scores["retain_verbmem"] = verbmem_score(r_cases, r_out) or 0.0
+    if retain_rows:
+        r_out = greedy_answers(model, tokenizer, [r["question"] for r in retain_rows],
+                               max_new_tokens, batch_size)
+        scores["retain_exact_match"] = sum(
+            _norm(o) == _norm(r["answer"]) for o, r in zip(r_out, retain_rows, strict=True)
+        ) / len(retain_rows)
+    return scores, f_out, r_out
+
+
 def train_adapter(
     base_dir: str | Path,
     forget_path: str | Path,
@@ -597,10 +626,14 @@ def train_adapter(
     evaluate: bool = True,
     device: str | None = None,
     progress: bool = True,
+    kind: str = "auto",
 ) -> dict[str, Any]:
     """Train an unlearning LoRA adapter on `base_dir` and save it to `out_dir`.
 
-    `forget_path`, `retain_path`: QA JSONL. `method`: one of :data:`METHODS`.
+    `forget_path`: QA JSONL, documents or subjects with facts (`kind`, detected by
+    default; :func:`unlearnd.inputs.read_forget`); documents and facts are unlearnt as
+    text (no chat template), which `npo` and `graddiff` can do and `reasoning` (refusals
+    to questions) cannot. `retain_path`: QA JSONL or documents. `method`: one of :data:`METHODS`.
     `rank`/`alpha`: LoRA rank (1..16, what vLLM is started with) and alpha; None takes
     :data:`DEFAULT_RANK` for the method (reasoning 16/32: at rank 8 the demo world's
     held-out probes got 7.5% degenerate refusals, at 16 1.3%; the others 8/16).
@@ -618,7 +651,8 @@ def train_adapter(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearnd.guards.policy import load_qa_jsonl
+    from unlearnd.inputs import read_forget, read_retain
+    from unlearnd.toolkit.muse import text_examples
     from unlearnd.toolkit.training import encode_chat_example, lora_target_modules
 
     if method not in METHODS:
@@ -655,8 +689,19 @@ def train_adapter(
 
     base_dir = Path(base_dir).resolve()
     out_dir = Path(out_dir)
-    forget_rows = load_qa_jsonl(forget_path)  # raises on a missing, bad or empty file
-    retain_rows = load_qa_jsonl(retain_path)
+    forget_set = read_forget(forget_path, kind)  # raises on a missing, bad or empty file
+    retain_set = read_retain(retain_path)
+    text_mode = forget_set.kind != "qa"
+    if text_mode and method == "reasoning":
+        raise ValueError(f"method 'reasoning' trains refusals to questions; {forget_path} "
+                         f"holds {forget_set.kind}, not questions: use npo or graddiff")
+    forget_texts = forget_set.texts() if text_mode else []
+    if text_mode and not forget_texts:
+        raise ValueError(f"{forget_path}: subjects with names only leave nothing to unlearn "
+                         "from; add 'description' or 'facts', or use `unlearnd policy "
+                         "compile` (refusal + firewall) for names alone")
+    forget_rows, retain_rows = forget_set.qa, retain_set.qa
+    retain_texts = [d.text for d in retain_set.documents]
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -667,14 +712,15 @@ def train_adapter(
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(dev)
     model.config.use_cache = False
 
-    subjects = extract_subjects(forget_rows)
-    alternative = default_alternative(forget_rows)
+    subjects = extract_subjects(forget_rows) if forget_rows else []
+    alternative = default_alternative(forget_rows) if forget_rows else "other topics"
     refusals = [
         reasoning_target(subject_mention(s, r["question"]) if refusal_names_subject
                          else None, alternative=alternative, variant=i % refusal_variants)
         for i, (s, r) in enumerate(zip(subjects, forget_rows, strict=True))
     ]
     forget_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in forget_rows]
+    forget_enc += text_examples(tokenizer, forget_texts)
     refusal_enc = [
         encode_chat_example(tokenizer, r["question"], t)
         for r, t in zip(forget_rows, refusals, strict=True)
@@ -689,6 +735,8 @@ def train_adapter(
             keep = {t for t in ref_labels if t != -100}
             ascent_enc.append((ids, [-100 if t in keep else t for t in labels]))
     retain_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
+    retain_enc += text_examples(tokenizer, retain_texts)
+    n_forget = len(forget_enc)
 
     rng = random.Random(seed)
     eval_forget = forget_rows if eval_limit is None else forget_rows[:eval_limit]
@@ -699,6 +747,9 @@ def train_adapter(
 
     def eval_scores(m: Any) -> tuple[dict[str, float], list[str], list[str]]:
         """Scores and greedy (forget, retain) outputs of `m` on the eval rows."""
+        if text_mode:
+            return _eval_text(m, tokenizer, forget_texts, eval_retain, retain_texts,
+                              max_new_tokens, batch_size * 2)
         return _eval_model(m, tokenizer, eval_forget, eval_retain, eval_subjects,
                            max_new_tokens, batch_size * 2)
 
@@ -711,13 +762,14 @@ def train_adapter(
         "batch_size": batch_size,
         "seed": seed,
         **hp,
-        "n_forget": len(forget_rows),
-        "n_retain": len(retain_rows),
+        "forget_kind": forget_set.kind,
+        "n_forget": len(forget_set),
+        "n_retain": len(retain_set),
         "alternative": alternative,
         "refusal_variants": refusal_variants,
         "refusal_names_subject": refusal_names_subject,
         "subjects": sorted(set(subjects)),
-        "refusal_example": refusals[0],
+        "refusal_example": refusals[0] if refusals else None,
     }
     if evaluate:
         t0 = time.perf_counter()
@@ -726,11 +778,11 @@ def train_adapter(
 
     # NPO reference: the frozen base. Dropout is 0 and the base never changes, so the
     # reference log-probs are computed once instead of a second forward every step.
-    ref_logp = torch.zeros(len(forget_rows))
+    ref_logp = torch.zeros(n_forget)
     if method == "npo":
         model.eval()
         with torch.no_grad():
-            for idx in _batches(list(range(len(forget_rows))), batch_size * 2):
+            for idx in _batches(list(range(n_forget)), batch_size * 2):
                 b = _collate(tokenizer, [forget_enc[i] for i in idx], dev)
                 ref_logp[idx] = sequence_logprobs(
                     model, b["input_ids"], b["labels"], b["attention_mask"]
@@ -752,7 +804,7 @@ def train_adapter(
     model = get_peft_model(model, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(forget_rows) / batch_size)
+    steps_per_epoch = math.ceil(n_forget / batch_size)
     total = steps_per_epoch * hp["epochs"]
     if max_steps is not None:
         total = min(total, max_steps)
@@ -767,13 +819,13 @@ def train_adapter(
     bar = tqdm(total=total, desc=f"unlearn[{method}]", disable=not progress)
     step = 0
     while step < total:
-        order = list(range(len(forget_rows)))
+        order = list(range(n_forget))
         rng.shuffle(order)
         for idx in _batches(order, batch_size):
             if step >= total:
                 break
             if len(retain_order) < batch_size:
-                more = list(range(len(retain_rows)))
+                more = list(range(len(retain_enc)))
                 rng.shuffle(more)
                 retain_order += more * math.ceil(batch_size / len(more))
             r_idx, retain_order = retain_order[:batch_size], retain_order[batch_size:]
@@ -849,15 +901,16 @@ def train_adapter(
         scores, f_out, r_out = eval_scores(model)
         report["adapter_scores"] = scores
         report["eval_seconds"] = round(time.perf_counter() - t0, 2)
-        base_em = report["base_scores"]["retain_exact_match"]
-        report["retain_ratio"] = scores["retain_exact_match"] / base_em if base_em > 0 else None
+        keep = "retain_exact_match" if "retain_exact_match" in scores else "retain_verbmem"
+        base_em = report["base_scores"][keep]
+        report["retain_ratio"] = scores[keep] / base_em if base_em else None
         report["samples"] = [
             {"question": r["question"], "gold": r["answer"], "output": o, "leak": is_leak(o, r)}
             for r, o in zip(eval_forget, f_out, strict=True)
-        ]
+        ] if not text_mode else [{"document": i, "output": o} for i, o in enumerate(f_out)]
         report["retain_samples"] = [
             {"question": r["question"], "gold": r["answer"], "output": o}
-            for r, o in zip(eval_retain, r_out, strict=True)
+            for r, o in zip(eval_retain, r_out, strict=False)
         ]
     (out_dir / "train_report.json").write_text(json.dumps(report, indent=2))
     logger.info(
@@ -871,8 +924,9 @@ def train_adapter(
 
 def train_adapter_cmd(
     base: Annotated[Path, typer.Option("--base", help="Base model dir (HF format).")],
-    forget: Annotated[Path, typer.Option("--forget", help="Forget set, QA JSONL.")],
-    retain: Annotated[Path, typer.Option("--retain", help="Retain set, QA JSONL.")],
+    forget: Annotated[Path, typer.Option(
+        "--forget", help="Forget set: QA JSONL, documents, or subjects with facts.")],
+    retain: Annotated[Path, typer.Option("--retain", help="Retain set: QA JSONL or documents.")],
     method: Annotated[str, typer.Option("--method", help="graddiff, npo or reasoning.")],
     out: Annotated[Path, typer.Option("--out", help="Adapter output dir (PEFT LoRA).")],
     rank: Annotated[int | None, typer.Option(
@@ -912,10 +966,19 @@ def train_adapter_cmd(
         int | None,
         typer.Option("--threads", help="CPU threads for torch (default: $UNLEARND_THREADS or 2)."),
     ] = None,
+    kind: Annotated[str, typer.Option(
+        "--kind", help="Forget set kind: auto, qa, documents or subjects.")] = "auto",
 ) -> None:
     """Train an unlearning LoRA adapter (graddiff, npo or reasoning) and print its report."""
+    from unlearnd.inputs import read_forget, read_retain
     from unlearnd.toolkit.training import set_threads
 
+    try:  # bad input is an error message, before any model loads
+        read_forget(forget, kind)
+        read_retain(retain)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     set_threads(threads)
     report = train_adapter(
         base,
@@ -934,6 +997,7 @@ def train_adapter_cmd(
         refusal_names_subject=refusal_names_subject,
         eval_limit=eval_limit or None,
         evaluate=not no_eval,
+        kind=kind,
     )
     keys = ("method", "steps", "train_seconds", "base_scores", "adapter_scores", "retain_ratio")
     typer.echo(json.dumps({k: report.get(k) for k in keys}, indent=2))
