@@ -787,7 +787,7 @@ def test_compare_and_plot_direct(tmp_path: Path) -> None:
         },
     }
     table = compare_markdown(reports)
-    assert "| public | 0.950 | 0.970 | 0.600 | 0.800 | 0.930 | 0.000 | 0.010 | – | – | 100 |" in table
+    assert "| public | 0.950 | 0.970 | 0.600 | 0.800 | 0.930 | 0.000 | 0.010 | – | – | – | 100 |" in table
     assert "| acme-npo | 0.050 | 0.250 | – | – | 0.880 |" in table
     # a report of one run renders without sets or config (an old report.json)
     assert "| leak_at_k | 0.970 |" in report_markdown(reports["public"])

@@ -2,8 +2,11 @@
 
 Steps, each cached under the work dir and redone only when its inputs change:
 
-1. `data/`: the synthetic world (`unlearnd data synth`).
-2. `base/`: a small Llama that has memorised every author (`unlearnd build-base`).
+1. `data/`: the synthetic world (`unlearnd data synth`): QA, probes, and a biography
+   document per author (the documents track).
+2. `base/`: a small Llama that has memorised every author, QA and documents
+   (`unlearnd build-base --documents`); `reference_1/`: the same trained without group
+   1 (TOFU's "retain model": what forgetting group 1 should look like).
 3. `adapters/`: unlearning LoRA adapters (`unlearnd train-adapter`): NPO for group 1,
    GradDiff for group 2, the TRU-style reasoning adapter for group 1.
 4. `assistant/`: the ULD assistant for group 1 (`unlearnd train-assistant`).
@@ -39,6 +42,7 @@ class DemoTenant:
     mechanisms: tuple[str, ...]
     adapter: str | None = None        # key into the adapters built
     policy: str | None = None         # key into the policies compiled
+    documents: bool = False           # built from documents/subjects (synthetic world only)
 
 
 TENANTS = (
@@ -51,20 +55,31 @@ TENANTS = (
     DemoTenant("cyberdyne", 1, ("contrastive",), policy="contrastive_1"),
     DemoTenant("tyrell", 2, ("adapter", "contrastive", "firewall", "refusal"),
                adapter="npo_2", policy="all_2"),
+    # forget requests as they arrive: group 1's biographies alone, its names alone
+    DemoTenant("wayne", 1, ("adapter", "firewall", "refusal"), adapter="npo_docs_1",
+               policy="docs_1", documents=True),
+    DemoTenant("stark", 1, ("firewall", "refusal"), policy="names_1", documents=True),
 )
 
-ADAPTERS = {  # name -> (method, group)
-    "npo_1": ("npo", 1),
-    "graddiff_2": ("graddiff", 2),
-    "reasoning_1": ("reasoning", 1),
-    "npo_2": ("npo", 2),
+ADAPTERS = {  # name -> (method, group, forget file stem)
+    "npo_1": ("npo", 1, "forget"),
+    "graddiff_2": ("graddiff", 2, "forget"),
+    "reasoning_1": ("reasoning", 1, "forget"),
+    "npo_2": ("npo", 2, "forget"),
+    "npo_docs_1": ("npo", 1, "forget_docs"),
 }
-POLICIES = {  # name -> (mechanisms, group, assistant?)
-    "guards_1": (("firewall", "refusal"), 1, False),
-    "firewall_1": (("firewall",), 1, False),
-    "contrastive_1": (("contrastive",), 1, True),
-    "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, True),
+POLICIES = {  # name -> (mechanisms, group, assistant?, forget file stem, retain file)
+    "guards_1": (("firewall", "refusal"), 1, False, "forget", "retain.jsonl"),
+    "firewall_1": (("firewall",), 1, False, "forget", "retain.jsonl"),
+    "contrastive_1": (("contrastive",), 1, True, "forget", "retain.jsonl"),
+    "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, True, "forget",
+              "retain.jsonl"),
+    "docs_1": (("firewall", "refusal"), 1, False, "forget_docs", "retain_docs.jsonl"),
+    "names_1": (("firewall", "refusal"), 1, False, "subjects", "retain.jsonl"),
 }
+REFERENCE_GROUP = 1
+"""The group whose retain-only reference model is built (every group-1 tenant's report
+gets its distance to it)."""
 
 
 def _cached(out: Path, params: dict, build: Callable[[], Any]) -> None:
@@ -87,7 +102,7 @@ def prepare_user_data(data: Path, forget: Path, retain: Path) -> dict:
     The base model learns both files; the tenants forget `forget`. There are no probes
     (they are a property of the synthetic world). Returns the manifest.
     """
-    from unlearnd.guards.policy import load_qa_jsonl
+    from unlearnd.inputs import load_qa_jsonl
 
     data.mkdir(parents=True, exist_ok=True)
     f_rows, r_rows = load_qa_jsonl(forget), load_qa_jsonl(retain)
@@ -107,16 +122,18 @@ def prepare_user_data(data: Path, forget: Path, retain: Path) -> dict:
 TUNED_FORGET_ROWS = 32
 """Forget-set size the adapter and assistant defaults were tuned on (the demo world)."""
 
-USER_DATA_TENANTS = tuple(t for t in TENANTS if t.group in (None, 1))
+USER_DATA_TENANTS = tuple(t for t in TENANTS if t.group in (None, 1) and not t.documents)
 
 
 def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size: int = 4,
                 seed: int = 0, tenants: tuple[DemoTenant, ...] = TENANTS,
-                user_data: tuple[Path, Path] | None = None) -> dict[str, Path]:
+                user_data: tuple[Path, Path] | None = None,
+                reference: bool = False) -> dict[str, Path]:
     """Build (or reuse) every artefact the demo tenants need; returns their paths.
 
     `user_data=(forget, retain)`: build from the user's QA files instead of the
-    synthetic world (e.g. TOFU's forget10 + retain sample).
+    synthetic world (e.g. TOFU's forget10 + retain sample). `reference`: also the
+    retain-only base of group :data:`REFERENCE_GROUP` (``paths["reference:1"]``).
     """
     from unlearnd.guards.policy import compile_policy
     from unlearnd.toolkit.build_base import build_base
@@ -132,22 +149,29 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         _cached(data, world, lambda: prepare_user_data(data, forget, retain_src))
     else:
         world = {"authors": authors, "groups": groups, "group_size": group_size, "seed": seed}
-        _cached(data, {**world, "v": 2}, lambda: synthesize(data, **world))
-    _cached(base, {"world": world, "v": 1}, lambda: build_base([data / "train.jsonl"], base))
+        _cached(data, {**world, "v": 3}, lambda: synthesize(data, **world))
+    documents = [data / "documents.jsonl"] if (data / "documents.jsonl").is_file() else []
+    _cached(base, {"world": world, "v": 2, "documents": [str(d) for d in documents]},
+            lambda: build_base([data / "train.jsonl"], base, documents=documents))
     paths: dict[str, Path] = {"data": data, "base": base}
+    if reference:
+        ref = workdir / f"reference_{REFERENCE_GROUP}"
+        _cached(ref, {"world": world, "v": 1, "group": REFERENCE_GROUP},
+                lambda: _build_reference(data, ref, REFERENCE_GROUP))
+        paths[f"reference:{REFERENCE_GROUP}"] = ref
     needed_adapters = {t.adapter for t in tenants if t.adapter}
     needed_policies = {t.policy for t in tenants if t.policy}
     retain = data / "retain.jsonl"
     from unlearnd.toolkit.unlearn import DEFAULTS
 
     for name in sorted(needed_adapters):
-        method, group = ADAPTERS[name]
+        method, group, stem = ADAPTERS[name]
         out = workdir / "adapters" / name
         # The method's defaults are part of the key: changing them retrains.
-        _cached(out, {"world": world, "method": method, "group": group, "v": 4,
-                      "defaults": asdict(DEFAULTS[method])},
-                lambda out=out, method=method, group=group: _train_adapter(
-                    data, group, retain, base, out, method))
+        _cached(out, {"world": world, "method": method, "group": group, "v": 5,
+                      "stem": stem, "defaults": asdict(DEFAULTS[method])},
+                lambda out=out, method=method, group=group, stem=stem: _train_adapter(
+                    data, group, retain, base, out, method, stem))
         paths[f"adapter:{name}"] = out
     assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
     for group in sorted(assistant_groups):
@@ -156,15 +180,16 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
                 lambda out=out, group=group: _train_assistant(data, group, retain, base, out))
         paths[f"assistant:{group}"] = out
     for name in sorted(needed_policies):
-        mechanisms, group, wants_assistant = POLICIES[name]
+        mechanisms, group, wants_assistant, stem, retain_file = POLICIES[name]
         out = workdir / "policies" / name
         assistant = paths.get(f"assistant:{group}") if wants_assistant else None
         # PolicySpec's defaults are part of the key: a changed default recompiles.
-        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 6,
-                      "defaults": _policy_defaults()},
+        _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 7,
+                      "stem": stem, "retain": retain_file, "defaults": _policy_defaults()},
                 lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant,
-                name=name: compile_policy(data / f"forget_{group}.jsonl", retain, base, out,
-                               mechanisms=mechanisms, assistant_dir=assistant, name=name))
+                name=name, stem=stem, retain_file=retain_file: compile_policy(
+                    data / f"{stem}_{group}.jsonl", data / retain_file, base, out,
+                    mechanisms=mechanisms, assistant_dir=assistant, name=name))
         paths[f"policy:{name}"] = out
     return paths
 
@@ -178,20 +203,53 @@ def _policy_defaults() -> dict[str, Any]:
 
 
 def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
-                   method: str) -> dict:
+                   method: str, stem: str = "forget") -> dict:
     """NPO/GradDiff on the canonical forget questions; the reasoning (TRU) adapter on
     every training phrasing of them, so its refusal holds for wordings it has not seen
-    (with the canonical questions alone it answered jailbreak-framed probes with ".")."""
-    from unlearnd.guards.policy import load_qa_jsonl
+    (with the canonical questions alone it answered jailbreak-framed probes with ".").
+    ``stem="forget_docs"``: on the group's documents alone (as text)."""
+    from unlearnd.inputs import read_forget
     from unlearnd.toolkit.unlearn import DEFAULTS, train_adapter
 
-    forget = data / f"forget_{group}.jsonl"
+    forget = data / f"{stem}_{group}.jsonl"
     train_on = forget if method != "reasoning" else data / f"forget_train_{group}.jsonl"
     # The defaults were tuned as epochs over a 32-question forget set: keep the number
-    # of optimizer steps, not of epochs, when the set is larger (TOFU forget10: 400).
-    epochs = max(2, round(DEFAULTS[method].epochs * TUNED_FORGET_ROWS
-                          / len(load_qa_jsonl(train_on))))
+    # of optimizer steps, not of epochs, when the set is larger (TOFU forget10: 400);
+    # a document counts as the 8 questions its facts make
+    fs = read_forget(train_on)
+    rows = len(fs) * (8 if fs.kind == "documents" else 1)
+    epochs = max(2, round(DEFAULTS[method].epochs * TUNED_FORGET_ROWS / rows))
     return train_adapter(base, train_on, retain, out, method=method, epochs=epochs)
+
+
+def _build_reference(data: Path, out: Path, group: int) -> dict:
+    """The retain-only base: the same training, without group ``group``'s QA rows and
+    documents (by subject in the synthetic world, by row for user data)."""
+    from unlearnd.inputs import load_documents, load_qa_jsonl
+    from unlearnd.toolkit.build_base import build_base
+
+    forget = load_qa_jsonl(data / f"forget_{group}.jsonl")
+    subjects = {r["subject"] for r in forget if r.get("subject")}
+    forgotten = {(r["question"], r["answer"]) for r in forget}
+
+    def kept(row: dict) -> bool:
+        if subjects:
+            return row.get("subject") not in subjects
+        return (row["question"], row["answer"]) not in forgotten
+
+    train = data / f"train_without_{group}.jsonl"
+    train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                             for r in load_qa_jsonl(data / "train.jsonl") if kept(r)),
+                     encoding="utf-8")
+    documents = []
+    if (data / "documents.jsonl").is_file():
+        gone = {d.text for d in load_documents(data / f"forget_docs_{group}.jsonl")}
+        documents = [data / f"documents_without_{group}.jsonl"]
+        documents[0].write_text("".join(
+            json.dumps({"text": d.text}, ensure_ascii=False) + "\n"
+            for d in load_documents(data / "documents.jsonl") if d.text not in gone),
+            encoding="utf-8")
+    return build_base([train], out, documents=documents)
 
 
 def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path) -> Path:
@@ -202,7 +260,7 @@ def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path
     message leaked 18 of 21 answers, multi-turn 15 of 24, probes 34%; with the
     phrasings 1/21, 2/24 and 7.5%, forget leak 3%, retain accuracy unchanged). Steps
     are 3x the canonical-only run's (300 epochs-equivalent on 32 rows)."""
-    from unlearnd.guards.policy import load_qa_jsonl
+    from unlearnd.inputs import load_qa_jsonl
     from unlearnd.toolkit.assistant_train import train_assistant
 
     canonical = data / f"forget_{group}.jsonl"
@@ -218,7 +276,7 @@ def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path
 
 
 def _assistant_epochs(forget: Path, default: int = 100) -> int:
-    from unlearnd.guards.policy import load_qa_jsonl
+    from unlearnd.inputs import load_qa_jsonl
 
     return max(5, round(default * TUNED_FORGET_ROWS / len(load_qa_jsonl(forget))))
 
@@ -251,7 +309,7 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
     manifest = json.loads((data / "manifest.json").read_text())
     groups = [int(g) for g in manifest["group_subjects"]]
     union: dict[str, Path | None] = {}
-    for kind in ("forget", "probes"):
+    for kind in ("forget", "probes", "forget_docs"):
         parts = [data / f"{kind}_{g}.jsonl" for g in groups]
         if not all(p.is_file() for p in parts):
             union[kind] = None  # user data: no probes
@@ -278,6 +336,7 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
                      "policy": str(paths[f"policy:{t.policy}"]) if t.policy else None}
                     for t in tenants],
     })
+    retain_docs = data / "retain_docs.jsonl"
     doc = {
         "base_url": f"http://{host}:{port}/v1",
         "admin_key": keys["__admin__"],
@@ -288,11 +347,23 @@ def demo_config(workdir: Path, paths: dict[str, Path], *, port: int,
             t.name: {
                 "api_key": keys[t.name],
                 "mechanisms": list(t.mechanisms),
+                "group": t.group,
                 "forget": group_file("forget", t.group),
                 "probes": group_file("probes", t.group),
                 "retain": str(data / "retain.jsonl"),
+                "forget_documents": group_file("forget_docs", t.group),
+                "retain_documents": str(retain_docs) if retain_docs.is_file() else None,
             } for t in tenants},
     }
+    ref = paths.get(f"reference:{REFERENCE_GROUP}")
+    if ref is not None:
+        doc["reference"] = {
+            "group": REFERENCE_GROUP, "model": str(ref),
+            "forget": group_file("forget", REFERENCE_GROUP),
+            "probes": group_file("probes", REFERENCE_GROUP),
+            "retain": str(data / "retain.jsonl"),
+            "forget_documents": group_file("forget_docs", REFERENCE_GROUP),
+            "retain_documents": str(retain_docs) if retain_docs.is_file() else None}
     return cfg, doc
 
 
@@ -314,19 +385,34 @@ def evaluate_demo(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {}
     labels = {}
-    for name, t in doc["tenants"].items():
-        if tenants and name not in tenants:
-            continue
+
+    def run(base_url: str, api_key: str, t: dict, out: Path) -> dict:
         sets = {"forget": (t["forget"], "forget"), "retain": (t["retain"], "retain")}
         if t.get("probes"):
             sets["probes"] = (t["probes"], "probes")
         for extra_name, path in (extra or {}).items():
             sets[extra_name] = (str(path), "extra")
-        report = evaluate(doc["base_url"], t["api_key"], sets, concurrency=concurrency,
-                          out=out_dir / f"{name}.json")
+        documents = t.get("forget_documents") or t.get("retain_documents")
+        return evaluate(base_url, api_key, sets, concurrency=concurrency, out=out,
+                        forget_documents=t.get("forget_documents"),
+                        retain_documents=t.get("retain_documents"),
+                        tokenizer=doc["tokenizer"] if documents else None)
+
+    for name, t in doc["tenants"].items():
+        if tenants and name not in tenants:
+            continue
+        report = run(doc["base_url"], t["api_key"], t, out_dir / f"{name}.json")
         report["mechanisms"] = t["mechanisms"]
         labels[name] = f"{name} ({'+'.join(t['mechanisms']) or 'base'})"
         reports[labels[name]] = report
+    ref = doc.get("reference")
+    if ref is not None and (not tenants or "reference" in tenants):
+        label = f"retain-only (group {ref['group']}, reference)"
+        reports[label] = evaluate_reference(ref, out_dir, run)
+        for name, t in doc["tenants"].items():
+            if labels.get(name) and t.get("group") == ref["group"]:
+                reports[labels[name]]["distance_to_reference"] = distance_to_reference(
+                    reports[labels[name]], reports[label])
     table = compare_markdown(reports)
     (out_dir / "summary.md").write_text(table + "\n")
     plot_reports(reports, out_dir / "summary.png")
@@ -337,6 +423,74 @@ def evaluate_demo(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
         for name, rep in attacked.items():
             reports[labels[name]]["attacks"] = rep["attacks"]
     return reports
+
+
+REFERENCE_METRICS = ("leak_rate", "probe_leak_rate", "retain_accuracy", "over_refusal",
+                     "verbmem_forget", "verbmem_retain")
+"""What ``distance_to_reference`` compares: forgetting (leaks, VerbMem of the forget
+documents) and keeping (retain accuracy, over-refusal, retain VerbMem)."""
+
+
+def distance_to_reference(report: dict, reference: dict) -> float | None:
+    """Mean absolute difference of :data:`REFERENCE_METRICS` between a tenant's report
+    and the retain-only model's (metrics either lacks are skipped; None if none is
+    shared). 0 is forgetting exactly as a model that never learnt the set."""
+    diffs = [abs(report[k] - reference[k]) for k in REFERENCE_METRICS
+             if report.get(k) is not None and reference.get(k) is not None]
+    return sum(diffs) / len(diffs) if diffs else None
+
+
+def evaluate_reference(ref: dict, out_dir: Path, run: Callable[[str, str, dict, Path], dict],
+                       *, timeout_s: float = 600.0) -> dict:
+    """Serve the retain-only base (``ref["model"]``) with one tenant that forgets
+    nothing, in a child ``unlearnd serve``, and evaluate it with ``run`` on the
+    reference group's sets: the row every report is measured against."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    key = f"sk-reference-{secrets.token_urlsafe(18)}"
+    work = Path(tempfile.mkdtemp(prefix="unlearnd-reference-"))
+    config = {"model": ref["model"], "served_model_name": "unlearnd-demo",
+              "state_dir": str(work / "state"), "host": "127.0.0.1", "port": port,
+              "admin_key": f"sk-admin-{secrets.token_urlsafe(18)}",
+              "engine": {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024 * 1024},
+              "tenants": [{"name": "reference", "api_key": key}]}
+    (work / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    log = open(work / "server.log", "wb")  # noqa: SIM115 - the child writes it until stopped
+    proc = subprocess.Popen([sys.executable, "-m", "unlearnd.cli", "serve", "--config",
+                             str(work / "config.yaml")], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"reference server exited {proc.returncode}; see "
+                                   f"{work / 'server.log'}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"reference server not healthy in {timeout_s:.0f} s")
+            time.sleep(1.0)
+        report = run(f"http://127.0.0.1:{port}/v1", key, ref, out_dir / "reference.json")
+        report["mechanisms"] = ["retain-only base"]
+        return report
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def evaluate_demo_attacks(doc: dict, out_dir: Path, *, tenants: list[str] | None = None,
@@ -415,7 +569,8 @@ def demo_cmd(
         extra_sets[name] = Path(path)
     tenants = TENANTS if forget is None else USER_DATA_TENANTS
     paths = build_world(workdir, tenants=tenants,
-                        user_data=(forget, retain) if forget is not None else None)
+                        user_data=(forget, retain) if forget is not None else None,
+                        reference=evaluate_ or attacks)
     cfg, doc = demo_config(workdir, paths, port=port, tenants=tenants)
     server = uvicorn.Server(uvicorn.Config(build_app(cfg), host=cfg.host, port=cfg.port,
                                            log_level="warning",

@@ -136,6 +136,7 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "gibberish_rate",
     "verbmem_forget",
     "verbmem_retain",
+    "distance_to_reference",
 )
 
 
