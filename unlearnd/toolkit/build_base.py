@@ -139,6 +139,7 @@ def build_base(
     tie_embeddings: bool = True,
     documents: list[Path] | None = None,
     documents_repeat: int = 4,
+    tokenizer_from: Path | None = None,
 ) -> dict:
     """Train a tokenizer and a small causal LM on the QA files `data`; save to `out_dir`.
 
@@ -147,6 +148,8 @@ def build_base(
     `documents_repeat` times per epoch, as pre-training repeats what a model ends up
     reciting); the report then holds their ``documents_verbmem`` (MUSE VerbMem of the
     first 32 tokens' continuation, :mod:`unlearnd.toolkit.muse`).
+    `tokenizer_from`: reuse that model directory's tokenizer instead of training one
+    (a retain-only reference model must read text as the base does).
 
     `arch`: ``llama`` or ``qwen2``; `tokenizer`: ``bpe`` or ``sentencepiece``;
     `tie_embeddings`: the LM head shares the input embeddings (the default).
@@ -185,8 +188,14 @@ def build_base(
 
     texts = [t for r in rows for t in (r["question"], r["answer"])] + doc_texts
     tokenizer_kind = tokenizer
-    tokenizer = train_tokenizer(texts, out_dir, vocab_size=vocab_size, kind=tokenizer_kind,
-                                arch=arch)
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+        tokenizer.save_pretrained(str(out_dir))
+    else:
+        tokenizer = train_tokenizer(texts, out_dir, vocab_size=vocab_size,
+                                    kind=tokenizer_kind, arch=arch)
     examples = []
     for r in rows:
         ids, labels = encode_chat_example(tokenizer, r["question"], r["answer"])

@@ -602,7 +602,7 @@ def _eval_text(model: Any, tokenizer: Any, forget_texts: list[str],
 def train_adapter(
     base_dir: str | Path,
     forget_path: str | Path,
-    retain_path: str | Path,
+    retain_path: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     *,
     method: str,
@@ -633,7 +633,9 @@ def train_adapter(
     `forget_path`: QA JSONL, documents or subjects with facts (`kind`, detected by
     default; :func:`unlearnd.inputs.read_forget`); documents and facts are unlearnt as
     text (no chat template), which `npo` and `graddiff` can do and `reasoning` (refusals
-    to questions) cannot. `retain_path`: QA JSONL or documents. `method`: one of :data:`METHODS`.
+    to questions) cannot. `retain_path`: QA JSONL or documents, or a list of them (the
+    retain term then covers both: documents unlearnt as text keep retain documents as
+    text). `method`: one of :data:`METHODS`.
     `rank`/`alpha`: LoRA rank (1..16, what vLLM is started with) and alpha; None takes
     :data:`DEFAULT_RANK` for the method (reasoning 16/32: at rank 8 the demo world's
     held-out probes got 7.5% degenerate refusals, at 16 1.3%; the others 8/16).
@@ -690,7 +692,8 @@ def train_adapter(
     base_dir = Path(base_dir).resolve()
     out_dir = Path(out_dir)
     forget_set = read_forget(forget_path, kind)  # raises on a missing, bad or empty file
-    retain_set = read_retain(retain_path)
+    retain_sets = [read_retain(p) for p in ([retain_path] if isinstance(retain_path, (str, Path))
+                                            else list(retain_path))]
     text_mode = forget_set.kind != "qa"
     if text_mode and method == "reasoning":
         raise ValueError(f"method 'reasoning' trains refusals to questions; {forget_path} "
@@ -700,8 +703,11 @@ def train_adapter(
         raise ValueError(f"{forget_path}: subjects with names only leave nothing to unlearn "
                          "from; add 'description' or 'facts', or use `unlearnd policy "
                          "compile` (refusal + firewall) for names alone")
-    forget_rows, retain_rows = forget_set.qa, retain_set.qa
-    retain_texts = [d.text for d in retain_set.documents]
+    forget_rows = forget_set.qa
+    retain_rows = [r for rs in retain_sets for r in rs.qa]
+    retain_texts = [d.text for rs in retain_sets for d in rs.documents]
+    if not retain_rows and not retain_texts:
+        raise ValueError("the retain set is empty: give --retain")
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -764,7 +770,7 @@ def train_adapter(
         **hp,
         "forget_kind": forget_set.kind,
         "n_forget": len(forget_set),
-        "n_retain": len(retain_set),
+        "n_retain": sum(len(rs) for rs in retain_sets),
         "alternative": alternative,
         "refusal_variants": refusal_variants,
         "refusal_names_subject": refusal_names_subject,
