@@ -40,6 +40,7 @@ __all__ = [
     "detect_kind",
     "read_forget",
     "read_retain",
+    "check_cli_inputs",
 ]
 
 KINDS = ("qa", "documents", "subjects")
@@ -303,3 +304,16 @@ def as_background(retain: ForgetSet) -> list[dict[str, Any]]:
     if retain.kind == "qa":
         return list(retain.qa)
     return [{"question": "", "answer": d.text, "source": d.source} for d in retain.documents]
+
+
+def check_cli_inputs(forget: str | Path, retain: str | Path | None, kind: str = "auto") -> None:
+    """For commands: read the forget and retain sets once before any model loads, and
+    turn a bad one into ``error: <what is wrong>`` and exit status 2."""
+    import typer
+
+    try:
+        read_forget(forget, kind)
+        read_retain(retain)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc

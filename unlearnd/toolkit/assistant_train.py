@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import typer
 
 from unlearnd.guards.assistant import ASSISTANT_FILE, ASSISTANT_FORMAT, build_assistant
-from unlearnd.inputs import read_forget, read_retain
+from unlearnd.inputs import check_cli_inputs, read_forget, read_retain
 from unlearnd.toolkit.muse import text_examples
 from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
 from unlearnd.toolkit.training import (
@@ -399,12 +399,7 @@ def train_assistant_cmd(
     """Train the ULD assistant (remembers the forget set, uniform on the retain set)."""
     if save not in ("merged", "lora"):
         raise typer.BadParameter(f"--save must be merged or lora, got {save!r}")
-    try:  # bad input is an error message, before any model loads
-        read_forget(forget, kind)
-        read_retain(retain)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    check_cli_inputs(forget, retain, kind)  # before any model loads
     set_threads()
     out_dir = train_assistant(base, forget, retain, out, layers=layers, epochs=epochs, lr=lr,
                               retain_weight=retain_weight, seed=seed, save=save, kind=kind)

@@ -976,15 +976,10 @@ def train_adapter_cmd(
         "--kind", help="Forget set kind: auto, qa, documents or subjects.")] = "auto",
 ) -> None:
     """Train an unlearning LoRA adapter (graddiff, npo or reasoning) and print its report."""
-    from unlearnd.inputs import read_forget, read_retain
+    from unlearnd.inputs import check_cli_inputs
     from unlearnd.toolkit.training import set_threads
 
-    try:  # bad input is an error message, before any model loads
-        read_forget(forget, kind)
-        read_retain(retain)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    check_cli_inputs(forget, retain, kind)  # before any model loads
     set_threads(threads)
     report = train_adapter(
         base,
