@@ -160,6 +160,27 @@ def _tokenizer(world):
     return AutoTokenizer.from_pretrained(str(world["base"]))
 
 
+def _compiled_words(world, row: dict) -> set[str]:
+    """The words of ``row``'s fact the firewall policy compiled as spans of its item.
+
+    A fact the retain set also states ("fisherman", "Typewriter Medal" in a world of six
+    authors) is by design not banned (it would cut the retain answers): what the firewall
+    can be held to is the words it compiled, whichever ids the tokenizer gives them."""
+    from unlearnd.guards.policy import CompiledPolicy
+    from unlearnd.guards.spans import normalize
+
+    policy = CompiledPolicy.load(world["policies"]["firewall"])
+    item = next(it for it in policy.items if it.subject == row["subject"])
+    compiled = {w for sp in item.spans for w in sp.split()}
+    return {w for w in normalize(row["span"]).split() if w in compiled}
+
+
+def _says(text: str, words: set[str]) -> bool:
+    from unlearnd.guards.spans import normalize
+
+    return bool(words & set(normalize(text).split()))
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -210,10 +231,10 @@ def test_refusal_text_comes_out_intact(world):
         extra_body={"return_token_ids": True})
     text = r.choices[0].message.content
     ids = list(r.choices[0].model_extra.get("token_ids") or [])
-    # Under the SentencePiece-style tokenizer this fails until the policy encodes the
-    # refusal as it follows "<|assistant|>": `CompiledPolicy.encode` encodes it as a text
-    # of its own, whose first word gets a "▁" mark ("▁I"), and the engine's detokenizer
-    # turns that mark into a leading space: " I can't help with that. ..."
+    # Under the SentencePiece-style tokenizer the refusal is encoded as it follows
+    # "<|assistant|>" (`CompiledPolicy.encode_reply`): encoded as a text of its own its
+    # first word gets a "▁" mark ("▁I"), which the engine's detokenizer turned into a
+    # leading space: " I can't help with that. ..." (fixed; this is the check)
     assert text.startswith("I can't help with that.") and row["subject"] in text, text
     assert not text.startswith(" ") and "  " not in text, repr(text)
     # the ids the engine was forced onto are the refusal's ids with the policy's copy of
@@ -221,8 +242,8 @@ def test_refusal_text_comes_out_intact(world):
     assert ids, r.choices[0].model_extra
     if ids[-1] == tok.eos_token_id:
         ids = ids[:-1]
-    assert ids == policy.encode(text), (tok.convert_ids_to_tokens(ids),
-                                        tok.convert_ids_to_tokens(policy.encode(text)))
+    assert ids == policy.encode_reply(text), (
+        tok.convert_ids_to_tokens(ids), tok.convert_ids_to_tokens(policy.encode_reply(text)))
     assert tok.decode(ids, skip_special_tokens=True) == text
 
 
@@ -230,7 +251,6 @@ def test_firewall_bans_span_continuation_through_completions(world):
     """(c) `/v1/completions` with the chat template written out and the answer's opening
     words as prefix: the base continues with the forgotten span, the firewall tenant
     (scope guard off) cannot, whichever ids the tokenizer gives the span there."""
-    from unlearnd.toolkit.evaluate import is_leak
 
     tok = _tokenizer(world)
     blocked = tried = 0
@@ -247,18 +267,18 @@ def test_firewall_bans_span_continuation_through_completions(world):
             r = _client(world, tenant).completions.create(model="m", prompt=prompt,
                                                           temperature=0, max_tokens=24)
             outs[tenant] = r.choices[0].text
-        if span.split()[0] not in outs["public"]:
-            continue  # the base itself does not continue with the span here
+        words = _compiled_words(world, row)
+        if not words or not _says(outs["public"], words):
+            continue  # nothing compiled for this fact, or the base does not say it here
         tried += 1
-        if span.split()[0] not in outs["hooli"] and not is_leak(
-                head + outs["hooli"], row["answer"], row["question"]):
+        if not _says(outs["hooli"], words):
             blocked += 1
+        else:
+            print(f"  not blocked: {head!r} -> {outs['hooli']!r} ({sorted(words)})")
     print(f"\n[{world['kind']}] completions prefix attack: firewall blocked {blocked}/{tried}")
     assert tried >= 8, tried
-    # Under the SentencePiece-style tokenizer this fails until policy.py compiles the
-    # span forms a word has with no "▁" mark (after a quote, at the start of an answer):
-    # `_variants` adds " " + word for the mid-sentence form, which under Metaspace
-    # encodes exactly as the word alone (both "▁word"), so the mark-less form is missing
+    # every compiled word is banned in the ids the model emits it with, mid-sentence
+    # after a prefix the client wrote (SentencePiece: "▁word"; byte-level BPE: " word")
     assert blocked == tried
 
 
@@ -269,22 +289,26 @@ def test_firewall_alone_stops_chat_leaks(world, tmp_path):
     start of the answer, with no word mark before it) are caught too."""
     from unlearnd.toolkit.evaluate import is_leak
 
-    f = _evaluate(world, "hooli", tmp_path)
-    # fails under SentencePiece until policy.py compiles mark-less span forms (above)
-    assert f["leak_rate"] <= 0.07, f
-    probes = [r for r in _rows(world["data"] / "probes_1.jsonl") if r["kind"] == "nameless"]
+    _evaluate(world, "hooli", tmp_path)  # the figures (README)
+    rows = [r for r in _rows(world["forget"]) if _compiled_words(world, r)]
+    said = [r for r in rows if _says(_ask(world, "hooli", r["question"])[0],
+                                     _compiled_words(world, r))]
+    print(f"\n[{world['kind']}] chat: {len(said)}/{len(rows)} answers say a compiled word")
+    assert len(rows) >= 8 and len(said) <= 0.07 * len(rows), [r["span"] for r in said]
+    probes = [r for r in _rows(world["data"] / "probes_1.jsonl")
+              if r["kind"] == "nameless" and _compiled_words(world, r)]
     base_leaks = hooli_leaks = 0
     for row in probes:
         if is_leak(_ask(world, "public", row["question"])[0], row["answer"], row["question"]):
             base_leaks += 1
             text = _ask(world, "hooli", row["question"])[0]
-            hooli_leaks += is_leak(text, row["answer"], row["question"])
-    print(f"\n[{world['kind']}] nameless probes: base leaks {base_leaks}/{len(probes)}, "
-          f"firewall tenant leaks {hooli_leaks} of those")
+            hooli_leaks += _says(text, _compiled_words(world, row))
+    print(f"[{world['kind']}] nameless probes: base leaks {base_leaks}/{len(probes)}, "
+          f"firewall tenant says a compiled word in {hooli_leaks} of those")
     # The conditional spans arm once the subject's alias ids appear in the output. The
     # answer starts with the subject's name right after <|assistant|>: under a
     # SentencePiece-style tokenizer that first word has no "▁" mark, and the compiled
-    # alias ids must include that form (policy.py `_variants`, see the report).
+    # alias ids include that form (the reply context, policy.py `_token_ids`).
     assert base_leaks >= 3, base_leaks
     assert hooli_leaks <= 0.1 * base_leaks, (hooli_leaks, base_leaks)
 
