@@ -128,12 +128,14 @@ USER_DATA_TENANTS = tuple(t for t in TENANTS if t.group in (None, 1) and not t.d
 def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size: int = 4,
                 seed: int = 0, tenants: tuple[DemoTenant, ...] = TENANTS,
                 user_data: tuple[Path, Path] | None = None,
-                reference: bool = False) -> dict[str, Path]:
+                reference: bool = False, documents: bool = True) -> dict[str, Path]:
     """Build (or reuse) every artefact the demo tenants need; returns their paths.
 
     `user_data=(forget, retain)`: build from the user's QA files instead of the
     synthetic world (e.g. TOFU's forget10 + retain sample). `reference`: also the
     retain-only base of group :data:`REFERENCE_GROUP` (``paths["reference:1"]``).
+    `documents=False`: the base does not read the biographies (the end-to-end tests'
+    small world, whose attack tests were calibrated on a QA-only base).
     """
     from unlearnd.guards.policy import compile_policy
     from unlearnd.toolkit.build_base import build_base
@@ -150,9 +152,10 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     else:
         world = {"authors": authors, "groups": groups, "group_size": group_size, "seed": seed}
         _cached(data, {**world, "v": 3}, lambda: synthesize(data, **world))
-    documents = [data / "documents.jsonl"] if (data / "documents.jsonl").is_file() else []
-    _cached(base, {"world": world, "v": 2, "documents": [str(d) for d in documents]},
-            lambda: build_base([data / "train.jsonl"], base, documents=documents))
+    docs = [data / "documents.jsonl"] if documents and (data / "documents.jsonl").is_file() \
+        else []
+    _cached(base, {"world": world, "v": 2, "documents": [str(d) for d in docs]},
+            lambda: build_base([data / "train.jsonl"], base, documents=docs))
     paths: dict[str, Path] = {"data": data, "base": base}
     # what is trained on the base is keyed on the base's own stamp: a rebuilt base
     # retrains its adapters and assistants (a stale assistant contrasts another model)
