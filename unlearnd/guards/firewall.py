@@ -215,15 +215,15 @@ class VerbatimState:
 
     __slots__ = ("index", "window", "aligned")
 
-    PROMPT_TAIL = 64
+    PROMPT_TAIL = 66
     """Prompt tokens fed at the start: an alignment needs ``k - 1`` of them and lives
-    ``k`` tokens off the text, so older ones cannot matter for k <= 32."""
+    ``k`` tokens off the text, so older ones cannot matter for k <= 32 (2k + 2)."""
 
     def __init__(self, index: VerbatimIndex, prompt_ids: Sequence[int] = ()) -> None:
         self.index = index
         self.window: list[int] = []
         self.aligned: dict[int, int] = {}  # position of the next document token -> misses
-        for t in list(prompt_ids)[-max(self.PROMPT_TAIL, 2 * index.k + 2):]:
+        for t in list(prompt_ids)[-self.PROMPT_TAIL:]:
             self.push(int(t))
 
     def push(self, t: int) -> None:

@@ -1080,6 +1080,13 @@ def shared_tokenizer(path: Path) -> Any:
     return tok
 
 
+def _word_anchor(policy: CompiledPolicy) -> tuple[list[int], str]:
+    """A one-word token and its text: what :meth:`CompiledPolicy.token_text` decodes a
+    token after (computed once per policy)."""
+    ids = policy.encode("x")[-1:]
+    return ids, str(policy._tok().decode(ids, skip_special_tokens=False))
+
+
 class CompiledPolicy:
     """A loaded policy directory. Use :meth:`load` (cached) rather than the constructor.
 
@@ -1190,7 +1197,7 @@ class CompiledPolicy:
         generation prompt (``reply_context``), as the model emits it (a SentencePiece
         tokenizer marks a text's first word with ``▁``, a reply's first word not)."""
         if self.reply_context:
-            head = self.encode(self.reply_context)
+            head = self.derived("reply_head", lambda p: p.encode(p.reply_context))
             full = self.encode(self.reply_context + text)
             if full[:len(head)] == head and len(full) > len(head):
                 return full[len(head):]
@@ -1201,9 +1208,8 @@ class CompiledPolicy:
         starts a word (byte-level BPE's space, SentencePiece's ``▁``; decoded alone, a
         SentencePiece decoder drops a first token's mark), "ing" for one that does not."""
         tok = self._tok()
-        anchor = tok.encode("x", add_special_tokens=False).ids[-1:]
+        anchor, alone = self.derived("word_anchor", _word_anchor)
         both = str(tok.decode(anchor + [int(token_id)], skip_special_tokens=False))
-        alone = str(tok.decode(anchor, skip_special_tokens=False))
         if anchor and both.startswith(alone):
             return both[len(alone):]
         return str(tok.decode([int(token_id)], skip_special_tokens=False))
