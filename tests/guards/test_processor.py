@@ -190,6 +190,65 @@ def test_contrastive_rows_batched_through_one_kernel_call(pdir: Path) -> None:
     assert len(runner.freed) == 1
 
 
+class PeakedRunner:
+    """An assistant sure of token ``fact`` (p ~ 0.97) and uniform elsewhere: what the
+    ULD assistant is trained to be at a forget fact."""
+
+    def __init__(self, fact: int) -> None:
+        self.fact = fact
+
+    def logits(self, reqs):
+        z = torch.zeros(len(reqs), V)
+        z[:, self.fact] = 10.0
+        return z
+
+    def free(self, key) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def contrast_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
+    out = {}
+    for ban_p in (0.05, 0.0):
+        tmp = tmp_path_factory.mktemp(f"ban{ban_p}")
+        assistant = tmp / "assistant_src"
+        assistant.mkdir()
+        (assistant / "config.json").write_text("{}")
+        out[ban_p] = compile_world(tmp, mechanisms=("contrastive",), assistant_dir=assistant,
+                                   contrastive_ban_p=ban_p)[0]
+    return out
+
+
+@pytest.mark.parametrize("attack", ["bias", "allowed", "bias_and_allowed"])
+def test_assistant_sure_tokens_are_banned_whatever_the_client_asks(
+        contrast_dirs: dict[float, Path], attack: str) -> None:
+    """The contrast alone is a shift by ``w * log p_assist``: a client's +100
+    ``logit_bias`` on the fact, or an allowed-token list of the fact alone, puts the
+    fact back on top (the control, ``contrastive_ban_p`` 0).
+    With the ban the fact is -inf whatever the client sent, and the row still ends
+    (EOS) rather than emitting it when nothing else is allowed."""
+    fact = 11
+    results = {}
+    for ban_p, d in contrast_dirs.items():
+        b = GuardBatch(default_eos=2, runner_factory=lambda _d, _dev: PeakedRunner(fact))
+        b.update([], [(0, extra(d), [1, 2], [])], [])
+        x = fresh(1, 5)
+        x[0, fact] = x[0].max() + 3.0            # the base knows the fact
+        if "bias" in attack:
+            x[0, fact] += 100.0                   # logit_bias, applied before us
+        if "allowed" in attack:
+            keep = torch.zeros(V, dtype=torch.bool)
+            keep[fact] = True
+            x[0, ~keep] = float("-inf")           # allowed_token_ids = [the fact]
+        results[ban_p] = b.apply(x.clone())[0]
+    assert int(torch.argmax(results[0.0])) == fact   # the control leaks
+    y = results[0.05]
+    assert torch.isneginf(y[fact]) and int(torch.argmax(y)) != fact
+    if "allowed" in attack:   # nothing else was allowed: the row ends
+        eos = CompiledPolicy.load(contrast_dirs[0.05]).eos_token_id
+        assert y[eos] == 0 and int(torch.isfinite(y).sum()) == 1
+
+
 def test_refusal_is_forced_whatever_the_logits_say(rf_dir: Path) -> None:
     """A client's logit_bias (-100 on the refusal token, +100 elsewhere) and an
     allowed-token mask that excludes it all run before us: the row is one-hot anyway."""

@@ -318,6 +318,54 @@ def test_bias_adds_repeats_ignores_padding_and_ban_wins() -> None:
     torch.testing.assert_close(out, want)
 
 
+def _assist_ban(assist: torch.Tensor, frac: float, g: torch.Generator) -> torch.Tensor:
+    """Per-row thresholds that ban about ``frac`` of each row's assist values; row 1
+    (weight 0 in `_make`) bans too, and the last row bans nothing (``+inf``)."""
+    rows = assist.shape[0]
+    q = torch.quantile(assist.float(), 1 - frac, dim=1)
+    q = q + 0.01 * torch.rand(rows, generator=g)
+    if rows > 2:
+        q[-1] = float("inf")
+    return q.float()
+
+
+def test_assist_ban_is_hard_and_last() -> None:
+    """A token the assistant is confident of is -inf whatever the contrast, the bias or
+    the weight say: a client's +100 on it (here, through bias_vals) cannot revive it."""
+    vocab = 64
+    logits = torch.zeros(3, vocab)
+    assist = torch.full((3, vocab), -8.0)
+    assist[:, 7] = -0.1                    # the fact: p_assist ~ 0.9
+    bias_ids = torch.tensor([[7], [7], [7]], dtype=torch.int32)
+    bias_vals = torch.full((3, 1), 100.0)
+    out = unlearning_logits_reference(
+        logits, assist, weight=torch.tensor([1.5, 0.0, 1.5]), bias_ids=bias_ids,
+        bias_vals=bias_vals, assist_ban=torch.tensor([-3.0, -3.0, float("inf")]))
+    assert torch.isneginf(out[0, 7]) and torch.isneginf(out[1, 7])  # weight 0 bans too
+    assert out[2, 7] == 100.0 - 1.5 * -0.1 and torch.isfinite(out).sum() == vocab + 2 * (vocab - 1)
+    with pytest.raises(ValueError, match="assist_ban given without assist"):
+        unlearning_logits_reference(logits, assist_ban=torch.zeros(3))
+    with pytest.raises(ValueError, match="assist_ban shape"):
+        unlearning_logits_reference(logits, assist, assist_ban=torch.zeros(2))
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop"])
+def test_kernel_assist_ban_matches_reference(interpret: None, dtype: torch.dtype,
+                                             drop: bool) -> None:
+    inp = _make(7, 50257, dtype, seed=97 + int(drop))
+    del inp["assist_neg"]
+    inp["assist_ban"] = _assist_ban(inp["assist"], 0.02, _gen(4))
+    # the ban hits bias tokens too (they are written after pass 2)
+    inp["bias_ids"][:, 4] = torch.argmax(inp["assist"].float(), dim=1).to(torch.int32)
+    want = unlearning_logits_reference(**inp, drop_implausible=drop)
+    hit = inp["assist"].float() >= inp["assist_ban"].view(-1, 1)
+    assert hit[:-1].any(dim=1).all() and not hit[-1].any()
+    assert torch.isneginf(want.float()[hit]).all()
+    _run_kernel_vs_reference(inp, drop_implausible=drop)
+
+
 @pytest.mark.parametrize("vocab", [1, 31, 32, 33, 50257])
 def test_pack_banned_bits(vocab: int) -> None:
     g = _gen(vocab)

@@ -177,6 +177,13 @@ class PolicySpec:
             worst of 8 samples: 28% of forget questions leak at 0.1, 22% at 0.3, 6% at
             0.5, none at 0.6-0.9: default 0.7; sampling then only chooses among
             near-ties of the contrasted best token).
+        contrastive_ban_p: tokens the assistant itself gives probability
+            ``>= contrastive_ban_p`` become ``-inf`` (0 disables). The assistant is
+            trained uniform everywhere but on the forget facts (retain answers, the
+            answers' other words), so what it is sure of is a fact; the contrast is a
+            shift a client's ``logit_bias`` or allowed-token list can outweigh, this ban
+            is not (demo world: 0.05 or more on 100% of forget fact tokens, 80% of
+            paraphrased ones, none of 1009 retain answer tokens; default 0.05).
         firewall_prefix_tokens: how many first tokens of an always-active distinctive
             span may be generated before the firewall bans its continuation (>= 0).
         firewall_conditional_prefix_tokens: the same for spans active only once their
@@ -217,6 +224,7 @@ class PolicySpec:
     contrastive_weight: float = 1.5
     contrastive_alpha: float = 1e-5
     contrastive_min_p: float = 0.7
+    contrastive_ban_p: float = 0.05
     firewall_prefix_tokens: int = 1
     firewall_conditional_prefix_tokens: int = 0
     firewall_conditioning: str = "auto"
@@ -270,6 +278,9 @@ class PolicySpec:
         if not 0.0 <= self.contrastive_min_p < 1.0:
             raise ValueError(
                 f"contrastive_min_p must be in [0, 1), got {self.contrastive_min_p!r}")
+        if not 0.0 <= self.contrastive_ban_p < 1.0:
+            raise ValueError(
+                f"contrastive_ban_p must be in [0, 1), got {self.contrastive_ban_p!r}")
         if not self.contrastive_weight >= 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
         if not 0.0 < self.contrastive_alpha <= 1.0:
@@ -1247,6 +1258,9 @@ def policy_compile(
                                       help="explained or ignorant"),
     top_logprobs: str = typer.Option("allow", "--top-logprobs", help="allow or deny"),
     contrastive_min_p: float = typer.Option(0.7, "--contrastive-min-p"),
+    contrastive_ban_p: float = typer.Option(
+        0.05, "--contrastive-ban-p",
+        help="ban tokens the assistant gives at least this probability (0: off)"),
     contrastive_weight: float = typer.Option(1.5, "--contrastive-weight"),
     contrastive_alpha: float = typer.Option(1e-5, "--contrastive-alpha"),
     firewall_prefix_tokens: int = typer.Option(1, "--firewall-prefix-tokens"),
@@ -1266,7 +1280,8 @@ def policy_compile(
             forget, retain, base, out, mechanisms=mech, assistant_dir=assistant, kind=kind,
             name=name, embedder=embedder, scope_threshold=scope_threshold,
             refusal_style=refusal_style, top_logprobs=top_logprobs,
-            contrastive_min_p=contrastive_min_p, contrastive_weight=contrastive_weight,
+            contrastive_min_p=contrastive_min_p, contrastive_ban_p=contrastive_ban_p,
+            contrastive_weight=contrastive_weight,
             contrastive_alpha=contrastive_alpha, firewall_prefix_tokens=firewall_prefix_tokens,
             firewall_conditional_prefix_tokens=firewall_conditional_prefix_tokens,
             firewall_conditioning=firewall_conditioning, verbatim_k=verbatim_k,

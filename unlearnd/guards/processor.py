@@ -16,7 +16,10 @@ Each step, for every guarded row:
 - ``contrastive`` on: the policy's assistant model gives its next-token logits
   (:func:`unlearnd.guards.assistant.get_runner`, rows batched per assistant) and the
   row is contrasted with weight ``contrastive_weight`` and plausibility
-  ``contrastive_alpha``; then tokens below ``contrastive_min_p`` times the contrasted
+  ``contrastive_alpha``; tokens the assistant itself gives ``contrastive_ban_p`` or
+  more become ``-inf`` (its confident tokens are the forget facts: a ban no client
+  bias or mask outweighs, where the contrast is a shift that a large enough
+  ``logit_bias`` can); then tokens below ``contrastive_min_p`` times the contrasted
   row's most likely token become ``-inf`` (a cut the client's temperature cannot undo).
 
 Bans and contrast go through ONE call of the fused kernel
@@ -344,6 +347,7 @@ class GuardBatch:
             assist = torch.zeros((len(work), vocab), dtype=torch.float32, device=dev)
             weight = torch.zeros(len(work), dtype=torch.float32)
             alpha = torch.zeros(len(work), dtype=torch.float32)
+            ban_at = torch.full((len(work),), math.inf, dtype=torch.float32)
             # rows batched per runner: policies with the same assistant content share one
             # (the factory is asked once per assistant dir and step, not once per row)
             by_dir: dict[str, Any] = {}
@@ -373,7 +377,13 @@ class GuardBatch:
                     pol = row.policy
                     weight[pos] = float(pol.setting("contrastive_weight", 1.5)) if pol else 0.0
                     alpha[pos] = float(pol.setting("contrastive_alpha", 1e-5)) if pol else 0.0
+                    # policies compiled before the setting existed keep their behaviour
+                    ban_p = float(pol.setting("contrastive_ban_p", 0.0)) if pol else 0.0
+                    if ban_p > 0:
+                        ban_at[pos] = math.log(ban_p)
             kwargs.update(assist=assist, weight=weight.to(dev), alpha=alpha.to(dev))
+            if bool(torch.isfinite(ban_at).any()):
+                kwargs["assist_ban"] = ban_at.to(dev)
             cut = [float(c[1].policy.setting("contrastive_min_p", 0.0)) if c is not None
                    and c[1].policy is not None else 0.0 for c in contrast]
             if any(v > 0 for v in cut):

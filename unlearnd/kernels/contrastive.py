@@ -12,7 +12,11 @@ One op turns a batch of base-model logits into the logits the sampler sees:
    with ``drop_implausible=True`` tokens outside ``m`` become ``-inf``;
 3. ``bias_vals`` added at ``bias_ids`` (refusal steering, leak firewall; ``-1`` pads,
    repeated ids add up);
-4. tokens whose bit is set in ``banned`` become ``-inf``.
+4. tokens whose bit is set in ``banned`` become ``-inf``, and so do tokens the
+   assistant is confident of: ``assist >= assist_ban`` (per row; ``+inf`` never bans).
+   The ULD assistant is trained to be uniform everywhere but on the forget facts, so
+   its confident tokens are the facts: a ban the client's ``logit_bias`` or masks
+   cannot outweigh, unlike the contrast itself (a shift by ``w * assist``).
 
 A row whose weight is 0 skips step 2 entirely: no mask, no contrast, no drop.
 Without ``assist``, step 2 only drops implausible tokens, and only when
@@ -95,6 +99,7 @@ def _check_inputs(
     bias_ids: torch.Tensor | None,
     bias_vals: torch.Tensor | None,
     banned: torch.Tensor | None,
+    assist_ban: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError naming the bad argument; shapes, dtypes and devices only.
 
@@ -132,7 +137,9 @@ def _check_inputs(
     if assist_neg is not None and assist is None:
         raise ValueError("assist_neg given without assist (delta-unlearning needs both)")
 
-    for name, t in (("weight", weight), ("alpha", alpha)):
+    if assist_ban is not None and assist is None:
+        raise ValueError("assist_ban given without assist (it bans on the assistant's values)")
+    for name, t in (("weight", weight), ("alpha", alpha), ("assist_ban", assist_ban)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -207,6 +214,7 @@ def unlearning_logits_reference(
     bias_vals: torch.Tensor | None = None,
     banned: torch.Tensor | None = None,
     *,
+    assist_ban: torch.Tensor | None = None,
     drop_implausible: bool = False,
 ) -> torch.Tensor:
     """The spec, in plain torch: return a NEW ``[R, V]`` tensor in ``logits.dtype``.
@@ -218,11 +226,13 @@ def unlearning_logits_reference(
     ``alpha``: ``[R]`` fp32 in [0, 1], ``None`` means 0 (every token plausible).
     ``bias_ids``/``bias_vals``: ``[R, K]`` int32 ids (``-1`` pads) and fp32 values
     added after the contrast. ``banned``: ``[R, ceil(V/32)]`` int32 bitmask, a set
-    bit makes the token ``-inf`` (last, so no bias can revive it).
+    bit makes the token ``-inf`` (last, so no bias can revive it). ``assist_ban``:
+    ``[R]`` fp32, tokens with ``assist >= assist_ban[r]`` become ``-inf`` too (last;
+    ``+inf`` for a row that bans nothing; needs ``assist``).
     """
     operands = (logits, assist, assist_neg, weight, alpha, bias_ids, bias_vals, banned)
-    _check_inputs(*operands)
-    return _reference_math(*operands, drop_implausible)
+    _check_inputs(*operands, assist_ban)
+    return _reference_math(*operands, drop_implausible, assist_ban)
 
 
 def _reference_math(
@@ -235,6 +245,7 @@ def _reference_math(
     bias_vals: torch.Tensor | None,
     banned: torch.Tensor | None,
     drop_implausible: bool,
+    assist_ban: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference without input checks (no host syncs: torch.compile traces it whole)."""
     rows, vocab = logits.shape
@@ -269,6 +280,8 @@ def _reference_math(
         out = out.scatter_add(1, idx, vals)
     if banned is not None:
         out = out.masked_fill(_banned_dense(banned, vocab), float("-inf"))
+    if assist_ban is not None and assist is not None:
+        out = out.masked_fill(assist.float() >= assist_ban.view(rows, 1), float("-inf"))
     result = out.to(logits.dtype)
     return result.clone() if result is logits else result
 
@@ -286,6 +299,7 @@ if triton is not None:
         bias_ids_ptr,
         bias_vals_ptr,
         banned_ptr,
+        aban_ptr,
         V,
         K,
         stride_logits,
@@ -300,6 +314,7 @@ if triton is not None:
         NEED_MAX: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_BANNED: tl.constexpr,
+        HAS_ABAN: tl.constexpr,
         DROP_IMPLAUSIBLE: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -318,6 +333,8 @@ if triton is not None:
         about ten full [R, V] temporaries (max, mask, where, scatter, ban unpack,
         masked_fill, cast): by count about 3x these bytes.
         Rows with weight 0 skip both passes unless banned tokens must be written.
+        ``assist_ban`` reads the assist row in pass 2 for every row (its threshold, not
+        the weight, says whether a row bans), no extra pass.
         """
         row = tl.program_id(0).to(tl.int64)
         z_row = logits_ptr + row * stride_logits
@@ -334,10 +351,12 @@ if triton is not None:
             span1 = tl.where(active, V, 0)
         else:
             span1 = 0
-        if HAS_BANNED:
+        if HAS_BANNED or HAS_ABAN:
             span2 = V
         else:
             span2 = span1
+        if HAS_ABAN:
+            aban = tl.load(aban_ptr + row)
 
         # ---- pass 1: row max of the base logits (read 4V bytes at fp32).
         thresh = float("-inf")
@@ -390,6 +409,9 @@ if triton is not None:
             if HAS_BANNED:
                 wb = tl.load(ban_row + safe // 32, mask=valid, other=0)
                 ob = tl.where(((wb >> (safe % 32)) & 1) != 0, float("-inf"), ob)
+            if HAS_ABAN:
+                abb = tl.load(a_row + safe, mask=valid, other=float("-inf")).to(tl.float32)
+                ob = tl.where(abb >= aban, float("-inf"), ob)
             # every warp must have read its bias tokens before any warp overwrites them.
             tl.debug_barrier()
 
@@ -406,7 +428,10 @@ if triton is not None:
                     plaus = inb
                 on = offs < span1
                 if HAS_ASSIST:
-                    a = tl.load(a_row + offs, mask=on, other=0.0).to(tl.float32)
+                    if HAS_ABAN:  # the ban needs the assist row also where w == 0
+                        a = tl.load(a_row + offs, mask=inb, other=0.0).to(tl.float32)
+                    else:
+                        a = tl.load(a_row + offs, mask=on, other=0.0).to(tl.float32)
                     if HAS_NEG:
                         n = tl.load(n_row + offs, mask=on, other=0.0)
                         c = z + w * (a - n.to(tl.float32))
@@ -419,6 +444,8 @@ if triton is not None:
                 # 4 bytes per 32 tokens; neighbouring lanes share a word (cache hit).
                 words = tl.load(ban_row + offs // 32, mask=inb, other=0)
                 out = tl.where(((words >> (offs % 32)) & 1) != 0, float("-inf"), out)
+            if HAS_ABAN:  # HAS_ABAN implies HAS_ASSIST: `a` is the whole row's
+                out = tl.where(a >= aban, float("-inf"), out)
             tl.store(z_row + offs, out.to(logits_ptr.dtype.element_ty), mask=inb)
 
         if HAS_BIAS:
@@ -460,6 +487,7 @@ def _launch_triton(
     bias_vals: torch.Tensor | None,
     banned: torch.Tensor | None,
     drop_implausible: bool,
+    assist_ban: torch.Tensor | None = None,
 ) -> None:
     """Launch the fused kernel, one program per row, on ``logits`` in place."""
     if logits.stride(-1) != 1:
@@ -488,6 +516,7 @@ def _launch_triton(
     vals_t = _row_major(bias_vals) if has_bias else dummy
     k = bias_ids.shape[1] if has_bias else 0
     ban_t = _row_major(banned) if banned is not None else dummy
+    aban_t = assist_ban if assist_ban is not None else dummy
     if weight is None:
         weight_t = torch.ones(rows, dtype=torch.float32, device=logits.device)
     else:
@@ -506,6 +535,7 @@ def _launch_triton(
         ids_t,
         vals_t,
         ban_t,
+        aban_t,
         vocab,
         k,
         logits.stride(0),
@@ -520,6 +550,7 @@ def _launch_triton(
         NEED_MAX=contrast and alpha is not None,
         HAS_BIAS=has_bias,
         HAS_BANNED=banned is not None,
+        HAS_ABAN=assist_ban is not None,
         DROP_IMPLAUSIBLE=drop_implausible,
         BLOCK=block,
         BLOCK_K=triton.next_power_of_2(max(k, 1)),
@@ -540,6 +571,7 @@ def unlearning_logits_(
     bias_vals: torch.Tensor | None = None,
     banned: torch.Tensor | None = None,
     *,
+    assist_ban: torch.Tensor | None = None,
     backend: str = "auto",
     drop_implausible: bool = False,
 ) -> torch.Tensor:
@@ -556,14 +588,14 @@ def unlearning_logits_(
     operands = (logits, assist, assist_neg, weight, alpha, bias_ids, bias_vals, banned)
     # checked once here for both backends: the torch path calls the reference's
     # math directly, so the CPU value checks (host syncs) do not run a second time.
-    _check_inputs(*operands)
+    _check_inputs(*operands, assist_ban)
     use_triton = backend == "triton" or (
         backend == "auto" and logits.is_cuda and triton is not None
     )
     if use_triton:
-        _launch_triton(*operands, drop_implausible)
+        _launch_triton(*operands, drop_implausible, assist_ban)
     else:
-        logits.copy_(_reference_math(*operands, drop_implausible))
+        logits.copy_(_reference_math(*operands, drop_implausible, assist_ban))
     return logits
 
 
