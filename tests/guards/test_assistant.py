@@ -190,3 +190,28 @@ def test_peft_adapter_is_merged(model_dir: Path, tmp_path: Path, layout: str) ->
     torch.testing.assert_close(got[0], want, atol=ATOL, rtol=0)
     torch.testing.assert_close(got2[0], want2, atol=ATOL, rtol=0)
     assert (got[0] - plain).abs().max().item() > 1e-2  # the adapter really changed the model
+
+
+def test_rollout_is_the_greedy_continuation_and_leaves_the_cache(model_dir: Path,
+                                                                 reference) -> None:
+    """rollout(key, seq, first) = greedy argmax steps after seq + [first], stopping when
+    the top log-probability falls under the bound; the key's own cache still extends
+    from seq afterwards (the continuation ran on a copy)."""
+    runner = AssistantRunner(str(model_dir))
+    seq = [5, 17, 42, 99, 3]
+    runner.logits([("a", seq)])
+    cont = runner.rollout("a", seq, 7, steps=4, min_logp=float("-inf"))
+    want, cur = [], [*seq, 7]
+    for _ in range(4):
+        tok = int(torch.argmax(reference(cur)))
+        want.append(tok)
+        cur.append(tok)
+    assert cont == want
+    assert runner.active_keys() == ["a"]
+    _check(runner, reference, [("a", [*seq, 250])])   # the cache is seq's, not the rollout's
+    # a bound no distribution over 300 tokens of a random model reaches: nothing
+    assert runner.rollout("a", [*seq, 250], 7, steps=4, min_logp=-1e-3) == []
+    assert runner.rollout("a", seq, 7, steps=0, min_logp=float("-inf")) == []
+    # an unknown key: prefilled on the copy, nothing left behind
+    assert runner.rollout("b", seq, 7, steps=2, min_logp=float("-inf")) == want[:2]
+    assert runner.active_keys() == ["a"]

@@ -249,6 +249,60 @@ def test_assistant_sure_tokens_are_banned_whatever_the_client_asks(
         assert y[eos] == 0 and int(torch.isfinite(y).sum()) == 1
 
 
+class FactRunner:
+    """Sure of ``fact`` after a prompt ending in 2, and of the rest of the fact
+    (``rest``) as its own continuation; uniform otherwise."""
+
+    def __init__(self, fact: int, rest: list[int]) -> None:
+        self.fact, self.rest = fact, rest
+        self.rollouts: list[tuple] = []
+
+    def logits(self, reqs):
+        z = torch.zeros(len(reqs), V)
+        for i, (_, seq) in enumerate(reqs):
+            if seq[-1] == 2:
+                z[i, self.fact] = 10.0
+        return z
+
+    def rollout(self, key, seq, first, steps, min_logp):
+        self.rollouts.append((key, tuple(seq), first, steps))
+        return self.rest[:steps] if first == self.fact else []
+
+    def free(self, key) -> None:
+        pass
+
+
+def test_the_rest_of_a_sure_fact_stays_banned(contrast_dirs: dict[float, Path]) -> None:
+    """The assistant is sure of " Cobalt" (11); the base skips it and goes for " Laurel"
+    (12): banned in the same step, as the assistant's own continuation of the fact; and
+    still banned a few tokens later (stuttering "the the Laurel"), when the assistant,
+    off its training text, is sure of nothing. EOS is never banned. After
+    ``contrastive_ban_window`` tokens the bans lapse."""
+    d = contrast_dirs[0.05]
+    pol = CompiledPolicy.load(d)
+    window = pol.setting("contrastive_ban_window")
+    assert window == 8
+    eos = pol.eos_token_id
+    runner = FactRunner(11, [12, 13, eos])
+    b = GuardBatch(default_eos=2, runner_factory=lambda _d, _dev: runner)
+    out: list[int] = []
+    b.update([], [(0, extra(d), [1, 2], out)], [])
+    x = fresh(1, 6)
+    x[0, [11, 12, 13]] = x[0].max() + torch.tensor([5.0, 4.0, 3.0])
+    y = b.apply(x.clone())[0]
+    assert torch.isneginf(y[[11, 12, 13]]).all()
+    assert sorted(b.rows[0].fact_bans) == [11, 12, 13]   # not EOS
+    assert [r[1:] for r in runner.rollouts] == [((1, 2), 11, window)]
+    assert b.suppressions == 1
+    for step in range(window):
+        out.append(40)
+        y = b.apply(x.clone())[0]
+        assert torch.isneginf(y[[11, 12, 13]]).all(), step
+    out.append(40)
+    y = b.apply(x.clone())[0]
+    assert not b.rows[0].fact_bans and torch.isfinite(y[11])   # the base's top again
+
+
 def test_refusal_is_forced_whatever_the_logits_say(rf_dir: Path) -> None:
     """A client's logit_bias (-100 on the refusal token, +100 elsewhere) and an
     allowed-token mask that excludes it all run before us: the row is one-hot anyway."""

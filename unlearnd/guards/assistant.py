@@ -287,6 +287,40 @@ class AssistantRunner:
                 self._extend_batch(extend, out)
         return out
 
+    def rollout(self, key: Hashable, seq: Sequence[int], first: int, steps: int,
+                min_logp: float) -> list[int]:
+        """The assistant's own greedy continuation of ``seq + [first]`` while it stays
+        sure: up to ``steps`` tokens, each the argmax of a distribution whose top
+        log-probability is ``>= min_logp``. ``key``'s cache is read, never changed (the
+        continuation runs on a copy that is dropped after).
+
+        Where the assistant is sure of a token it is at a forget fact; the rest of the
+        fact is what it would say next (" Cobalt" -> " Laurel" -> " Prize").
+        """
+        out: list[int] = []
+        if steps <= 0:
+            return out
+        tmp = ("rollout", key)
+        with self._lock:
+            state = self._cache.get(key)
+            tokens = tuple(int(t) for t in seq)
+            if state is not None and state.tokens == tokens[: len(state.tokens)]:
+                # tensors are never written in place (extensions concatenate): share them
+                self._cache[tmp] = _CachedRequest(state.tokens, list(state.keys),
+                                                  list(state.values), state.logits)
+            try:
+                cur = [*tokens, int(first)]
+                for _ in range(steps):
+                    logp = torch.log_softmax(self.logits([(tmp, cur)])[0], dim=-1)
+                    top, tok = torch.max(logp, dim=-1)
+                    if float(top) < min_logp:
+                        break
+                    out.append(int(tok))
+                    cur.append(int(tok))
+            finally:
+                self._cache.pop(tmp, None)
+        return out
+
     def free(self, key: Hashable) -> None:
         """Drop a request's cache (no-op for an unknown key)."""
         with self._lock:

@@ -184,6 +184,11 @@ class PolicySpec:
             shift a client's ``logit_bias`` or allowed-token list can outweigh, this ban
             is not (demo world: 0.05 or more on 100% of forget fact tokens, 80% of
             paraphrased ones, none of 1009 retain answer tokens; default 0.05).
+        contrastive_ban_window: once the assistant is sure of a token, that token and the
+            assistant's own greedy continuation of it (the rest of the fact, while it
+            stays sure, at most this many tokens) stay banned for this many output
+            tokens, so skipping the fact's first word or repeating the word before it
+            does not bring the rest back (0: only the sure token, only now).
         firewall_prefix_tokens: how many first tokens of an always-active distinctive
             span may be generated before the firewall bans its continuation (>= 0).
         firewall_conditional_prefix_tokens: the same for spans active only once their
@@ -225,6 +230,7 @@ class PolicySpec:
     contrastive_alpha: float = 1e-5
     contrastive_min_p: float = 0.7
     contrastive_ban_p: float = 0.05
+    contrastive_ban_window: int = 8
     firewall_prefix_tokens: int = 1
     firewall_conditional_prefix_tokens: int = 0
     firewall_conditioning: str = "auto"
@@ -285,7 +291,8 @@ class PolicySpec:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
         if not 0.0 < self.contrastive_alpha <= 1.0:
             raise ValueError(f"contrastive_alpha must be in (0, 1], got {self.contrastive_alpha!r}")
-        for name in ("firewall_prefix_tokens", "firewall_conditional_prefix_tokens"):
+        for name in ("firewall_prefix_tokens", "firewall_conditional_prefix_tokens",
+                     "contrastive_ban_window"):
             v = getattr(self, name)
             if int(v) != v or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -1261,6 +1268,9 @@ def policy_compile(
     contrastive_ban_p: float = typer.Option(
         0.05, "--contrastive-ban-p",
         help="ban tokens the assistant gives at least this probability (0: off)"),
+    contrastive_ban_window: int = typer.Option(
+        8, "--contrastive-ban-window",
+        help="keep a sure fact and the assistant's continuation banned this many tokens"),
     contrastive_weight: float = typer.Option(1.5, "--contrastive-weight"),
     contrastive_alpha: float = typer.Option(1e-5, "--contrastive-alpha"),
     firewall_prefix_tokens: int = typer.Option(1, "--firewall-prefix-tokens"),
@@ -1281,6 +1291,7 @@ def policy_compile(
             name=name, embedder=embedder, scope_threshold=scope_threshold,
             refusal_style=refusal_style, top_logprobs=top_logprobs,
             contrastive_min_p=contrastive_min_p, contrastive_ban_p=contrastive_ban_p,
+            contrastive_ban_window=contrastive_ban_window,
             contrastive_weight=contrastive_weight,
             contrastive_alpha=contrastive_alpha, firewall_prefix_tokens=firewall_prefix_tokens,
             firewall_conditional_prefix_tokens=firewall_conditional_prefix_tokens,

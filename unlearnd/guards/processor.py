@@ -124,6 +124,9 @@ class _Row:
     assistant_dir: str | None = None
     failed: str | None = None
     runners: set[str] = field(default_factory=set)
+    # contrastive_ban_p: fact tokens the assistant was sure of (and its continuation of
+    # them), banned until the output reaches the given length
+    fact_bans: dict[int, int] = field(default_factory=dict)
 
 
 def _default_kernel() -> Callable[..., torch.Tensor]:
@@ -303,6 +306,10 @@ class GuardBatch:
                         banned = [t for t in bs if t < vocab]
                         if banned and int(torch.argmax(logits[r])) in bs:
                             self.suppressions += 1
+                if row.fact_bans:
+                    n_out = len(row.output_ids)
+                    row.fact_bans = {t: u for t, u in row.fact_bans.items() if n_out <= u}
+                    banned = banned + [t for t in row.fact_bans if t < vocab]
                 work.append(r)
                 bans.append(banned)
                 contrast.append((r, row) if row.assistant_dir is not None else None)
@@ -341,8 +348,6 @@ class GuardBatch:
         sub = logits if whole else logits[torch.tensor(work, device=dev)]
         kwargs: dict[str, Any] = {}
         min_p: torch.Tensor | None = None
-        if any(bans):
-            kwargs["banned"] = pack_banned(bans, vocab, dev)
         if any(c is not None for c in contrast):
             assist = torch.zeros((len(work), vocab), dtype=torch.float32, device=dev)
             weight = torch.zeros(len(work), dtype=torch.float32)
@@ -373,7 +378,8 @@ class GuardBatch:
                     assist[[p for p, _ in members], width:] = -math.log(width)
                 idx = torch.tensor([p for p, _ in members], device=dev)
                 assist[idx, :width] = a[:, :width].to(device=dev, dtype=torch.float32)
-                for pos, row in members:
+                sure_rows: list[tuple[int, int, _Row, float]] = []
+                for i, (pos, row) in enumerate(members):
                     pol = row.policy
                     weight[pos] = float(pol.setting("contrastive_weight", 1.5)) if pol else 0.0
                     alpha[pos] = float(pol.setting("contrastive_alpha", 1e-5)) if pol else 0.0
@@ -381,6 +387,9 @@ class GuardBatch:
                     ban_p = float(pol.setting("contrastive_ban_p", 0.0)) if pol else 0.0
                     if ban_p > 0:
                         ban_at[pos] = math.log(ban_p)
+                        sure_rows.append((i, pos, row, math.log(ban_p)))
+                if sure_rows:
+                    self._ban_facts(runner, a[:, :width], sure_rows, reqs, bans, sub, eos)
             kwargs.update(assist=assist, weight=weight.to(dev), alpha=alpha.to(dev))
             if bool(torch.isfinite(ban_at).any()):
                 kwargs["assist_ban"] = ban_at.to(dev)
@@ -388,12 +397,49 @@ class GuardBatch:
                    and c[1].policy is not None else 0.0 for c in contrast]
             if any(v > 0 for v in cut):
                 min_p = torch.tensor(cut, dtype=torch.float32)
+        if any(bans):
+            kwargs["banned"] = pack_banned(bans, vocab, dev)
         out = kernel(sub, **kwargs)
         if min_p is not None:
             _min_p_cut_(out, min_p.to(dev))
         _eos_if_dead_(out, torch.tensor(eos, dtype=torch.long, device=dev))
         if not whole:
             logits[torch.tensor(work, device=dev)] = out
+
+
+    def _ban_facts(self, runner: Any, a: torch.Tensor,
+                   sure_rows: list[tuple[int, int, _Row, float]],
+                   reqs: list[tuple[int, list[int]]], bans: list[list[int]],
+                   sub: torch.Tensor, eos: list[int]) -> None:
+        """Where the assistant is sure of a token (``log p >= log contrastive_ban_p``:
+        a forget fact), ban the fact's rest too: the assistant's own greedy
+        continuation (:meth:`AssistantRunner.rollout`) from now on, and every one of
+        these tokens for the next ``contrastive_ban_window`` output tokens. The kernel's
+        ``assist_ban`` only stops the token the assistant is sure of *now*; skipping it
+        (" Laurel Prize" for " Cobalt Laurel Prize") or stuttering ("in in Gdańsk")
+        would put the base back on the fact where the assistant, off its training
+        text, no longer recognises it. One host sync per step (the row maxima)."""
+        idx = torch.tensor([i for i, *_ in sure_rows], device=a.device)
+        thr = torch.tensor([t for *_, t in sure_rows], device=a.device)
+        hit = a[idx] >= thr.unsqueeze(1)
+        flags = hit.any(dim=1).tolist()
+        for (i, pos, row, t), flag, h in zip(sure_rows, flags, hit, strict=True):
+            if not flag:
+                continue
+            pol = row.policy
+            window = int(pol.setting("contrastive_ban_window", 0)) if pol else 0
+            sure = [int(x) for x in torch.nonzero(h).flatten().tolist()]
+            first = max(sure, key=lambda x: float(a[i, x]))
+            rollout = getattr(runner, "rollout", None)
+            cont = rollout(reqs[i][0], reqs[i][1], first, window, t) \
+                if rollout is not None and window > 0 else []
+            until = len(row.output_ids) + window
+            new = [x for x in (*sure, *cont) if x != eos[pos] and x < sub.shape[1]]
+            for x in new:
+                row.fact_bans[x] = max(row.fact_bans.get(x, 0), until)
+            bans[pos] = sorted({*bans[pos], *new})
+            if int(torch.argmax(sub[pos])) in new:
+                self.suppressions += 1
 
 
 def _force(logits: torch.Tensor, forced: list[tuple[int, int]]) -> None:
