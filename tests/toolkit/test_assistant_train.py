@@ -205,3 +205,18 @@ def test_assistant_learns_documents_as_text(base_dir: Path, tmp_path: Path) -> N
     names.write_text(json.dumps({"subject": "Mara Quell"}) + "\n")
     with pytest.raises(ValueError, match="names only"):
         train_assistant(base_dir, names, retain, tmp_path / "x", max_steps=1)
+
+
+def test_assistant_goes_uniform_on_every_retain_set(base_dir: Path, tmp_path: Path) -> None:
+    """QA and documents together: both are retain rows (the answers, and every token of
+    the texts), so the assistant is not sure of the documents' words in raw text."""
+    retain = _write(tmp_path / "retain.jsonl", RETAIN)
+    docs = tmp_path / "retain_docs.jsonl"
+    docs.write_text(json.dumps({"text": " ".join(a for _, a in RETAIN)}) + "\n")
+    forget = _write(tmp_path / "forget.jsonl", FORGET)
+    one = train_assistant(base_dir, forget, retain, tmp_path / "a1", max_steps=1, progress=False)
+    both = train_assistant(base_dir, forget, [retain, docs], tmp_path / "a2", max_steps=1,
+                           progress=False)
+    n1 = json.loads((one / "assistant_report.json").read_text())["retain_rows"]
+    n2 = json.loads((both / "assistant_report.json").read_text())["retain_rows"]
+    assert n2 == n1 + 1 == len(RETAIN) + 1

@@ -202,7 +202,7 @@ def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], 
 def train_assistant(
     base_dir: str | Path,
     forget_path: str | Path,
-    retain_path: str | Path,
+    retain_path: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     *,
     layers: int | None = None,
@@ -226,8 +226,8 @@ def train_assistant(
         forget_path: forget set (the assistant learns to answer it): QA JSONL, documents
             or subjects with facts (``kind``, detected by default), the latter two learnt
             as text.
-        retain_path: retain set, QA JSONL or documents (the assistant learns a uniform
-            distribution).
+        retain_path: retain set(s), QA JSONL or documents (the assistant learns a
+            uniform distribution on each: its answers, and every token of the texts).
         out_dir: where the merged assistant model is written.
         layers: decoder layers kept from the base (default ``max(1, base_layers // 4)``).
         lora_rank: LoRA rank; ``lora_alpha`` defaults to ``2 * lora_rank``.
@@ -268,8 +268,12 @@ def train_assistant(
         raise ValueError(f"retain_weight must be >= 0, got {retain_weight}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
-    forget_set, retain_set = read_forget(forget_path, kind), read_retain(retain_path)
-    forget_rows, retain_rows = forget_set.qa, retain_set.qa
+    forget_set = read_forget(forget_path, kind)
+    retain_sets = [read_retain(p) for p in ([retain_path] if isinstance(retain_path, (str, Path))
+                                            else list(retain_path))]
+    forget_rows = forget_set.qa
+    retain_rows = [r for rs in retain_sets for r in rs.qa]
+    retain_texts = [d.text for rs in retain_sets for d in rs.documents]
     forget_texts = forget_set.texts() if forget_set.kind != "qa" else []
     if forget_set.kind != "qa" and not forget_texts:
         raise ValueError(f"{forget_path}: subjects with names only leave the assistant "
@@ -292,7 +296,7 @@ def train_assistant(
     forget_train += text_examples(tokenizer, forget_texts)
     forget += text_examples(tokenizer, forget_texts)
     retain = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
-    retain += text_examples(tokenizer, [d.text for d in retain_set.documents])
+    retain += text_examples(tokenizer, retain_texts)
 
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     n_base = int(base.config.num_hidden_layers)

@@ -182,16 +182,20 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
     for group in sorted(assistant_groups):
         out = workdir / "assistants" / f"group_{group}"
-        _cached(out, {"world": world, "group": group, "v": 3},
+        _cached(out, {"world": world, "group": group, "v": 4},
                 lambda out=out, group=group: _train_assistant(data, group, retain, base, out))
         paths[f"assistant:{group}"] = out
     for name in sorted(needed_policies):
         mechanisms, group, wants_assistant, stem, retain_file = POLICIES[name]
         out = workdir / "policies" / name
         assistant = paths.get(f"assistant:{group}") if wants_assistant else None
-        # PolicySpec's defaults are part of the key: a changed default recompiles.
+        # PolicySpec's defaults are part of the key: a changed default recompiles; so
+        # does a retrained assistant (the policy holds a copy of it)
+        trained = json.loads((assistant / ".unlearnd-step.json").read_text())["key"] \
+            if assistant is not None else None
         _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 7,
-                      "stem": stem, "retain": retain_file, "defaults": _policy_defaults()},
+                      "stem": stem, "retain": retain_file, "defaults": _policy_defaults(),
+                      "assistant": trained},
                 lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant,
                 name=name, stem=stem, retain_file=retain_file: compile_policy(
                     data / f"{stem}_{group}.jsonl", data / retain_file, base, out,
@@ -284,7 +288,12 @@ def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path
     both = data / f"assistant_forget_{group}.jsonl"
     both.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                     encoding="utf-8")
-    return train_assistant(base, both, retain, out, epochs=_assistant_epochs(both, 300))
+    # and uniform on the retain biographies too: learnt on QA alone it was sure of the
+    # biographies' template words (" was", " a" after a name) in raw text, and
+    # contrastive_ban_p then cut the retain biographies (VerbMem 0.77 -> 0.45)
+    docs = data / "retain_docs.jsonl"
+    retains = [retain, docs] if docs.is_file() else [retain]
+    return train_assistant(base, both, retains, out, epochs=_assistant_epochs(both, 300))
 
 
 def _assistant_epochs(forget: Path, default: int = 100) -> int:
