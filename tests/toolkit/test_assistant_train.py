@@ -220,3 +220,38 @@ def test_assistant_goes_uniform_on_every_retain_set(base_dir: Path, tmp_path: Pa
     n1 = json.loads((one / "assistant_report.json").read_text())["retain_rows"]
     n2 = json.loads((both / "assistant_report.json").read_text())["retain_rows"]
     assert n2 == n1 + 1 == len(RETAIN) + 1
+
+
+def test_perturb_fact_keeps_the_rest_of_the_fact_as_targets() -> None:
+    """Each perturbation leaves the prefix's target at the fact token (replace, repeat)
+    or moves the next token up (drop), and keeps every later fact token a target."""
+    import random
+
+    from unlearnd.toolkit.assistant_train import UNIFORM, perturb_fact
+    from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
+
+    # prompt 1 2 | answer: 10 (uniform) 20 (fact) 30 (uniform) 40 (fact) 50 (fact)
+    ids = [1, 2, 10, 20, 30, 40, 50]
+    labels = [IGNORE, IGNORE, UNIFORM, 20, UNIFORM, 40, 50]
+    seen = {}
+    for seed in range(60):
+        rng = random.Random(seed)
+        out_ids, out_labels = perturb_fact(ids, labels, rng, pool=[7, 8])
+        assert len(out_ids) == len(out_labels)
+        assert [t for t in out_labels if t >= 0][-1] == 50   # the fact's end stays a target
+        if len(out_ids) == len(ids):           # replace: one input token swapped
+            j = next(k for k in range(len(ids)) if out_ids[k] != ids[k])
+            assert out_ids[j] in (7, 8) and out_labels == labels and labels[j] >= 0
+            seen["replace"] = j
+        elif len(out_ids) < len(ids):          # drop: a fact token and its target gone
+            j = next(k for k in range(len(out_ids)) if out_ids[k] != ids[k])
+            assert ids[j] in (20, 40) and out_ids == ids[:j] + ids[j + 1:]
+            seen["drop"] = j
+        else:                                  # repeat: the token before, then the fact
+            j = next(k for k in range(len(ids)) if out_ids[k] != ids[k])
+            assert out_ids[j] == ids[j - 1] and out_labels[j] == out_labels[j + 1] == ids[j]
+            seen["repeat"] = j
+    assert set(seen) == {"replace", "drop", "repeat"}
+    # fewer than two fact tokens: nothing to perturb
+    one = ([1, 2, 10, 20], [IGNORE, IGNORE, UNIFORM, 20])
+    assert perturb_fact(*one, random.Random(0), [7]) == (list(one[0]), list(one[1]))

@@ -130,6 +130,48 @@ def mark_fact_tokens(tokenizer: Any, question: str, answer: str, labels: list[in
     return out
 
 
+PERTURBATIONS = ("replace", "drop", "repeat")
+"""What :func:`perturb_fact` does to a forget example (one, drawn at random)."""
+
+
+def perturb_fact(ids: Sequence[int], labels: Sequence[int], rng: random.Random,
+                 pool: Sequence[int]) -> tuple[list[int], list[int]]:
+    """A forget example as the base leaves it when a fact token is banned.
+
+    Where the assistant is sure of a fact token the engine bans it
+    (``contrastive_ban_p``), and the base goes on with something else: another word
+    (" Matsuyama" for " Gdańsk"), the fact's next word (" Laurel Prize" for " Cobalt
+    Laurel Prize"), or the word before it again ("in in"). Trained on the clean text
+    only, the assistant is not sure of the rest of the fact after any of these, and the
+    base gives it ("born in Matsuyama, Poland"). At one fact token that a later fact
+    token follows, chosen at random, this:
+
+    - ``replace``: puts a token of ``pool`` in its place; the target at that
+      position stays the fact token (the prefix is the clean one), and the fact
+      tokens after it stay targets;
+    - ``drop``: deletes it, so the next token is the target right after the prefix;
+    - ``repeat``: repeats the token before it; the fact token is the target after
+      both copies.
+
+    Returns new lists; an example without two fact tokens comes back unchanged.
+    """
+    ids, labels = list(ids), list(labels)
+    facts = [t for t in range(1, len(labels)) if labels[t] >= 0]
+    cand = facts[:-1]
+    if not cand:
+        return ids, labels
+    j = rng.choice(cand)
+    op = rng.choice(PERTURBATIONS)
+    if op == "replace" and pool:
+        ids[j] = rng.choice([t for t in pool if t != ids[j]] or list(pool))
+    elif op == "drop":
+        del ids[j], labels[j]
+    else:
+        ids.insert(j, ids[j - 1])
+        labels.insert(j, labels[j])
+    return ids, labels
+
+
 def _forget_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the answer's fact tokens (the assistant remembers them), plus
     cross-entropy to uniform on the answer's other tokens (no opinion there)."""
@@ -218,6 +260,7 @@ def train_assistant(
     progress: bool = True,
     save: str = "merged",
     kind: str = "auto",
+    perturb: float = 0.5,
 ) -> Path:
     """Build, train and save the ULD assistant for a forget/retain pair.
 
@@ -236,6 +279,10 @@ def train_assistant(
         lr: AdamW learning rate of the LoRA weights.
         batch_size: rows per forget batch and per retain batch.
         retain_weight: weight of the uniform-retain loss against the forget CE.
+        perturb: probability that a forget example drawn for a batch is first
+            perturbed around one of its fact tokens (:func:`perturb_fact`), so the
+            assistant stays sure of the rest of a fact after the ban pushed the base
+            off it (0: the clean examples only).
         seed: seeds shuffling and LoRA init.
         max_steps: stop after this many optimizer steps (None: all epochs).
         device: torch device to train on.
@@ -266,6 +313,8 @@ def train_assistant(
         raise ValueError(f"lr must be > 0, got {lr}")
     if retain_weight < 0:
         raise ValueError(f"retain_weight must be >= 0, got {retain_weight}")
+    if not 0.0 <= perturb <= 1.0:
+        raise ValueError(f"perturb must be in [0, 1], got {perturb}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
     forget_set = read_forget(forget_path, kind)
@@ -314,6 +363,15 @@ def train_assistant(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=0.0)
     rng = random.Random(seed)
+    # substitutes a banned fact token could be replaced with: the retain answers' words
+    special = set(tokenizer.all_special_ids)
+    pool = sorted({t for _, labels in retain for t in labels if t >= 0 and t not in special})
+
+    def drawn(j: int) -> tuple[list[int], list[int]]:
+        ids, labels = forget_train[j]
+        return perturb_fact(ids, labels, rng, pool) if rng.random() < perturb \
+            else (ids, labels)
+
     steps_per_epoch = math.ceil(len(forget) / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps,
                                                                    steps_per_epoch * epochs)
@@ -327,8 +385,7 @@ def train_assistant(
         for i in range(0, len(order), batch_size):
             if step >= total:
                 break
-            f_batch = _collate([forget_train[j] for j in order[i: i + batch_size]], pad_id,
-                               dev)
+            f_batch = _collate([drawn(j) for j in order[i: i + batch_size]], pad_id, dev)
             r_idx = []
             while len(r_idx) < batch_size:
                 if not retain_order:
@@ -366,7 +423,8 @@ def train_assistant(
     report = {
         "base_dir": str(base_dir), "layers": k, "base_layers": n_base, "lora_rank": lora_rank,
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "retain_weight": retain_weight,
-        "seed": seed, "steps": step, "train_seconds": round(seconds, 2), "save": save,
+        "seed": seed, "perturb": perturb, "steps": step, "train_seconds": round(seconds, 2),
+        "save": save,
         "forget_rows": len(forget), "retain_rows": len(retain),
         "before": before, "after": after,
     }
@@ -394,6 +452,9 @@ def train_assistant_cmd(
     retain_weight: Annotated[float, typer.Option(
         "--retain-weight", help="Weight of the uniform-retain loss.")] = 2.0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    perturb: Annotated[float, typer.Option(
+        "--perturb", help="Probability of training a forget example as the ban leaves "
+        "it: a fact token replaced, dropped or preceded by a repeat.")] = 0.5,
     save: Annotated[str, typer.Option(
         "--save", help="merged: a plain model; lora: only the LoRA over the base's first "
         "K layers, which tenants on one base then share in the engine.")] = "merged",
@@ -406,7 +467,8 @@ def train_assistant_cmd(
     check_cli_inputs(forget, retain, kind)  # before any model loads
     set_threads()
     out_dir = train_assistant(base, forget, retain, out, layers=layers, epochs=epochs, lr=lr,
-                              retain_weight=retain_weight, seed=seed, save=save, kind=kind)
+                              retain_weight=retain_weight, seed=seed, save=save, kind=kind,
+                              perturb=perturb)
     report = json.loads((out_dir / REPORT_NAME).read_text())
     after, before = report["after"], report["before"]
     typer.echo(f"assistant: {report['layers']} of {report['base_layers']} layers, "

@@ -182,7 +182,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
     for group in sorted(assistant_groups):
         out = workdir / "assistants" / f"group_{group}"
-        _cached(out, {"world": world, "group": group, "v": 4},
+        _cached(out, {"world": world, "group": group, "v": 5},
                 lambda out=out, group=group: _train_assistant(data, group, retain, base, out))
         paths[f"assistant:{group}"] = out
     for name in sorted(needed_policies):
