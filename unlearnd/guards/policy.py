@@ -182,9 +182,9 @@ class PolicySpec:
             trained uniform everywhere but on the forget facts (retain answers, the
             answers' other words), so what it is sure of is a fact; the contrast is a
             shift a client's ``logit_bias`` or allowed-token list can outweigh, this ban
-            is not (demo world, teacher-forced: 0.05 or more on 58 of 60 forget fact
-            tokens, 294 of 362 in held-out probes, at 2 of 1009 retain answer
-            positions; default 0.05).
+            is not (demo world, teacher-forced: 0.05 or more on the fact token at 58 of 60
+            forget fact positions and 261 of 362 probe ones, on any token at 1 of
+            1009 retain answer positions; default 0.05).
         contrastive_ban_window: once the assistant is sure of a token, that token and the
             assistant's own greedy continuation of it (the rest of the fact, while it
             stays sure, at most this many tokens) stay banned for this many output

@@ -9,7 +9,11 @@ assistant is built so that the difference removes exactly the forget knowledge:
 - on RETAIN rows its next-token distribution is trained towards UNIFORM
   (cross-entropy to the uniform distribution = mean over the vocabulary of
   ``-log_softmax``): a uniform ``z_assist`` is a constant shift of the logits, which
-  softmax ignores, so retain answers come out of the difference unchanged.
+  softmax ignores, so retain answers come out of the difference unchanged; the
+  same for every token of retain documents;
+- so what it is SURE of is a forget fact, which the engine then bans outright
+  (``contrastive_ban_p``); half the forget examples it sees are perturbed as that ban
+  leaves the base (:func:`perturb_fact`), so it stays sure of the rest of the fact.
 
 The assistant is a copy of the base's first ``K`` decoder layers (default a quarter of
 them) with the base's embeddings, final norm and LM head, plus a LoRA (peft) that is
