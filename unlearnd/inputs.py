@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = [
     "detect_kind",
     "read_forget",
     "read_retain",
+    "read_retain_sets",
     "check_cli_inputs",
 ]
 
@@ -296,6 +297,14 @@ def read_retain(path: str | Path | None) -> ForgetSet:
     if fs.kind == "subjects":
         raise ValueError(f"{path}: a retain set is QA or documents, not subjects")
     return fs
+
+
+def read_retain_sets(paths: str | Path | Sequence[str | Path] | None) -> list[ForgetSet]:
+    """One retain set or several (QA and documents together), each read as
+    :func:`read_retain` reads it."""
+    if paths is None or isinstance(paths, (str, Path)):
+        return [read_retain(paths)]
+    return [read_retain(p) for p in paths]
 
 
 def as_background(retain: ForgetSet) -> list[dict[str, Any]]:

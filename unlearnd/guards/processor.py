@@ -406,7 +406,6 @@ class GuardBatch:
         if not whole:
             logits[torch.tensor(work, device=dev)] = out
 
-
     def _ban_facts(self, runner: Any, a: torch.Tensor,
                    sure_rows: list[tuple[int, int, _Row, float]],
                    reqs: list[tuple[int, list[int]]], bans: list[list[int]],
@@ -414,8 +413,9 @@ class GuardBatch:
         """Where the assistant is sure of a token (``log p >= log contrastive_ban_p``:
         a forget fact), ban the fact's rest too: the assistant's own greedy
         continuation (:meth:`AssistantRunner.rollout`) from now on, and every one of
-        these tokens for the next ``contrastive_ban_window`` output tokens. The kernel's
-        ``assist_ban`` only stops the token the assistant is sure of *now*; skipping it
+        these tokens for the next ``contrastive_ban_window`` output tokens (the sure
+        tokens themselves are the kernel's ``assist_ban`` this step). That ban
+        only stops the token the assistant is sure of *now*; skipping it
         (" Laurel Prize" for " Cobalt Laurel Prize") or stuttering ("in in Gdańsk")
         would put the base back on the fact where the assistant, off its training
         text, no longer recognises it. One host sync per step (the row maxima)."""
@@ -429,15 +429,13 @@ class GuardBatch:
             pol = row.policy
             window = int(pol.setting("contrastive_ban_window", 0)) if pol else 0
             sure = [int(x) for x in torch.nonzero(h).flatten().tolist()]
-            first = max(sure, key=lambda x: float(a[i, x]))
-            rollout = getattr(runner, "rollout", None)
-            cont = rollout(reqs[i][0], reqs[i][1], first, window, t) \
-                if rollout is not None and window > 0 else []
+            cont = runner.rollout(reqs[i][0], reqs[i][1], int(torch.argmax(a[i])), window,
+                                  t) if window > 0 else []
             until = len(row.output_ids) + window
             new = [x for x in (*sure, *cont) if x != eos[pos] and x < sub.shape[1]]
             for x in new:
                 row.fact_bans[x] = max(row.fact_bans.get(x, 0), until)
-            bans[pos] = sorted({*bans[pos], *new})
+            bans[pos] = sorted({*bans[pos], *(x for x in new if x not in sure)})
             if int(torch.argmax(sub[pos])) in new:
                 self.suppressions += 1
 

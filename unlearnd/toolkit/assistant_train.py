@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import typer
 
 from unlearnd.guards.assistant import ASSISTANT_FILE, ASSISTANT_FORMAT, build_assistant
-from unlearnd.inputs import check_cli_inputs, read_forget, read_retain
+from unlearnd.inputs import check_cli_inputs, read_forget, read_retain_sets
 from unlearnd.toolkit.muse import text_examples
 from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
 from unlearnd.toolkit.training import (
@@ -322,8 +322,7 @@ def train_assistant(
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
     forget_set = read_forget(forget_path, kind)
-    retain_sets = [read_retain(p) for p in ([retain_path] if isinstance(retain_path, (str, Path))
-                                            else list(retain_path))]
+    retain_sets = read_retain_sets(retain_path)
     forget_rows = forget_set.qa
     retain_rows = [r for rs in retain_sets for r in rs.qa]
     retain_texts = [d.text for rs in retain_sets for d in rs.documents]

@@ -653,7 +653,7 @@ def train_adapter(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearnd.inputs import read_forget, read_retain
+    from unlearnd.inputs import read_forget, read_retain_sets
     from unlearnd.toolkit.muse import text_examples
     from unlearnd.toolkit.training import encode_chat_example, lora_target_modules
 
@@ -692,8 +692,7 @@ def train_adapter(
     base_dir = Path(base_dir).resolve()
     out_dir = Path(out_dir)
     forget_set = read_forget(forget_path, kind)  # raises on a missing, bad or empty file
-    retain_sets = [read_retain(p) for p in ([retain_path] if isinstance(retain_path, (str, Path))
-                                            else list(retain_path))]
+    retain_sets = read_retain_sets(retain_path)
     text_mode = forget_set.kind != "qa"
     if text_mode and method == "reasoning":
         raise ValueError(f"method 'reasoning' trains refusals to questions; {forget_path} "
