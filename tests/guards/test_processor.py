@@ -190,6 +190,21 @@ def test_contrastive_rows_batched_through_one_kernel_call(pdir: Path) -> None:
     assert len(runner.freed) == 1
 
 
+def test_assistant_reads_the_assist_prompt_when_given(pdir: Path) -> None:
+    """``unlearnd_assist_prompt`` (the edge's one-user-turn rendering) replaces the
+    prompt for the assistant only; the output follows it as it grows."""
+    runner = FakeRunner()
+    b = GuardBatch(default_eos=2, runner_factory=lambda d, dev: runner)
+    out = [3]
+    b.update([], [(0, {**extra(pdir), "unlearnd_assist_prompt": [9, 8, 7]}, [1, 2], out),
+                  (1, extra(pdir), [4], [])], [])
+    b.apply(fresh(2))
+    assert [s for _, s in runner.calls[0]] == [[9, 8, 7, 3], [4]]
+    out.append(5)
+    b.apply(fresh(2))
+    assert [s for _, s in runner.calls[1]] == [[9, 8, 7, 3, 5], [4]]
+
+
 class PeakedRunner:
     """An assistant sure of token ``fact`` (p ~ 0.97) and uniform elsewhere: what the
     ULD assistant is trained to be at a forget fact."""
@@ -306,6 +321,71 @@ def test_the_rest_of_a_sure_fact_stays_banned(contrast_dirs: dict[float, Path]) 
     assert not b.rows[0].fact_bans and torch.isfinite(y[11])   # the base's top again
 
 
+class UniformRunner:
+    """An assistant that recognises nothing: the contrast is a constant shift."""
+
+    def logits(self, reqs):
+        return torch.zeros(len(reqs), V)
+
+    def rollout(self, key, seq, first, steps, min_logp):
+        return []
+
+    def free(self, key) -> None:
+        pass
+
+
+@pytest.mark.parametrize("case", ["push_out", "ban_top", "ban_all", "choose_within"])
+def test_client_bias_only_chooses_among_the_plausible_tokens(
+        contrast_dirs: dict[float, Path], case: str) -> None:
+    """vLLM adds ``logit_bias`` before us. The contrast's plausible set (tokens within
+    ``contrastive_min_p`` of the best) is decided on the model's own scores, the bias is
+    put back after the cut: +100 on an implausible guess cannot make it the answer
+    (the control, a row that does not know the bias as main did not, emits it), -100
+    bans a plausible token (the next plausible one wins), -100 on all of them ends the
+    row (the control goes to the next token, which the contrast had cut: "in in
+    Gdańsk"), and a small bias still picks among the plausible tokens."""
+    d = contrast_dirs[0.05]
+    assert CompiledPolicy.load(d).setting("contrastive_min_p") == pytest.approx(0.7)
+    top, near, guess = 11, 12, 13
+    bias = {"push_out": {guess: 100.0}, "ban_top": {top: -100.0},
+            "ban_all": {top: -100.0, near: -100.0}, "choose_within": {near: 0.5}}[case]
+    x = fresh(1, 9)
+    x[0, top] = x[0].max() + 5.0
+    x[0, near] = x[0, top] - 0.2         # p(near) / p(top) = 0.82: plausible
+    x[0, guess] = x[0, top] - 3.0        # 0.05: cut
+    biased = x.clone()
+    for t, v in bias.items():
+        biased[0, t] += v                 # what vLLM's LogitBiasLogitsProcessor did
+    ys = {}
+    for knows in (False, True):
+        b = GuardBatch(default_eos=2, runner_factory=lambda _d, _dev: UniformRunner())
+        b.update([], [(0, extra(d), [1, 2], [], bias if knows else None)], [])
+        ys[knows] = b.apply(biased.clone())[0]
+    y = ys[True]
+    eos = CompiledPolicy.load(d).eos_token_id
+    if case == "push_out":
+        assert int(torch.argmax(ys[False])) == guess          # the control leaks
+        assert torch.isneginf(y[guess]) and int(torch.argmax(y)) == top
+    elif case == "ban_top":
+        assert torch.isneginf(y[top]) and int(torch.argmax(y)) == near
+    elif case == "ban_all":
+        assert int(torch.argmax(ys[False])) == guess   # the control is pushed off
+        assert y[eos] == 0 and int(torch.isfinite(y).sum()) == 1
+    else:
+        assert int(torch.argmax(y)) == near and torch.isfinite(y[top])
+        assert int(torch.isfinite(y).sum()) == 2
+
+
+def test_v1_processor_reads_the_client_bias(contrast_dirs: dict[float, Path]) -> None:
+    cfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(
+        eos_token_id=2)))
+    p = UnlearningLogitsProcessor(cfg, torch.device("cpu"), False)
+    params = SamplingParams(extra_args=extra(contrast_dirs[0.05]), logit_bias={13: 100.0})
+    p.update_state(BatchUpdate(batch_size=1, removed=[], moved=[],
+                               added=[(0, params, [1], [])]))
+    assert p.batch.rows[0].bias == ([13], [100.0])
+
+
 def test_refusal_is_forced_whatever_the_logits_say(rf_dir: Path) -> None:
     """A client's logit_bias (-100 on the refusal token, +100 elsewhere) and an
     allowed-token mask that excludes it all run before us: the row is one-hot anyway."""
@@ -401,6 +481,7 @@ def test_v1_processor_adapter(rf_dir: Path) -> None:
     {"unlearnd_policy_dir": "/x", "unlearnd_refusal_ids": [1, -1]},
     {"unlearnd_policy_dir": "/x", "unlearnd_version": 7},
     {"unlearnd_policy_dir": "/x", "unlearnd_mentioned": [0, "1"]},
+    {"unlearnd_policy_dir": "/x", "unlearnd_assist_prompt": [3, -2]},
 ])
 def test_validate_params_rejects(bad: dict) -> None:
     with pytest.raises(ValueError, match="unlearnd_"):

@@ -494,6 +494,67 @@ def test_policy_can_withhold_top_alternatives(app) -> None:
     assert active(app) == 0
 
 
+def test_contrastive_policy_refuses_client_token_masks(app) -> None:
+    """allowed_token_ids and bad_words leave -inf where the model's scores were, before
+    our processor runs: a contrastive policy could not tell what is plausible, so they
+    get a 400 naming the field, and nothing reaches the engine. logit_bias is served
+    (the processor takes it off and puts it back after its cut). Other policies keep
+    both masks (their bans are -inf whatever came before)."""
+    register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pc",
+                                                 mechanisms=("contrastive",)))
+    n_calls = len(app.engine.calls)
+    for path, body in ((CHAT, {"messages": HELLO, "allowed_token_ids": [5, 6]}),
+                       (CHAT, {"messages": HELLO, "bad_words": ["Gdansk"]}),
+                       (COMP, {"prompt": "hi", "bad_words": ["Gdansk"]}),
+                       (COMP, {"prompt": "hi", "allowed_token_ids": [5]})):
+        r = app.client.post(path, json=body, headers=app.auth("acme"))
+        err = assert_openai_error(r, 400)
+        assert err["param"] in body and "contrastive decoding" in err["message"]
+    assert len(app.engine.calls) == n_calls
+    r = app.client.post(CHAT, json={"messages": HELLO, "logit_bias": {"11": 5}},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200 and len(app.engine.calls) == n_calls + 1
+    register(app, "globex", policy=make_policy_dir(app.config.state_dir.parent / "pf2"))
+    r = app.client.post(CHAT, json={"messages": HELLO, "bad_words": ["Gdansk"]},
+                        headers=app.auth("globex"))
+    assert r.status_code == 200
+    assert active(app) == 0
+
+
+def test_contrastive_assistant_reads_the_conversation_as_one_user_turn(app) -> None:
+    """The ULD assistant learnt questions as one user turn. A question put in a system
+    message, Responses `instructions` or an earlier turn goes to the engine as
+    `unlearnd_assist_prompt`: every text of the conversation in one user turn (signed
+    with the rest); a plain question renders as the real prompt. Completions prompts
+    are raw text the assistant reads as is (none sent); other policies get none."""
+    tok = app.state.tokenizer
+
+    def one_turn(text: str) -> list[int]:
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}],
+                                           add_generation_prompt=True, tokenize=False)
+        return list(tok(rendered, add_special_tokens=False)["input_ids"])
+
+    register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pa",
+                                                 mechanisms=("contrastive",)))
+    q = "Where was the author of The Hollow Cartographer born?"
+    for path, body, text in (
+            (CHAT, {"messages": [{"role": "system", "content": q},
+                                 {"role": "user", "content": "Answer."}]}, f"{q}\nAnswer."),
+            (CHAT, {"messages": [{"role": "user", "content": q}]}, q),
+            (RESP, {"instructions": q, "input": "Answer."}, f"{q}\nAnswer.")):
+        r = app.client.post(path, json=body, headers=app.auth("acme"))
+        assert r.status_code == 200, r.text
+        extra = app.engine.calls[-1].params.extra_args
+        assert extra["unlearnd_assist_prompt"] == one_turn(text)
+        assert verify(extra, app.state.sign_key)
+    r = app.client.post(COMP, json={"prompt": q}, headers=app.auth("acme"))
+    assert "unlearnd_assist_prompt" not in app.engine.calls[-1].params.extra_args
+    register(app, "globex", policy=make_policy_dir(app.config.state_dir.parent / "pb"))
+    app.client.post(CHAT, json={"messages": [{"role": "system", "content": q}]},
+                    headers=app.auth("globex"))
+    assert "unlearnd_assist_prompt" not in app.engine.calls[-1].params.extra_args
+
+
 def test_guard_failure_fails_closed(app) -> None:
     register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pf",
                                                  fail_check=True))

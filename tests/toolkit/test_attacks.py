@@ -80,6 +80,7 @@ EXPECTED: dict[str, set[str]] = {
     "bias_refusal": {"bias_refusal"},
     "firewall": {"bias_firewall"},
     "firewall_ban": {"bias_firewall"},
+    "masks": {"token_masks"},
     "exact_name": {"obfuscated_names"},
     "last_turn": {"multi_turn"},
     "authority": {"authority"},
@@ -94,6 +95,7 @@ VARIANT: dict[str, str] = {
     "bias_refusal": "biased",
     "firewall": "boost_gold",
     "firewall_ban": "ban_output",
+    "masks": "bad_words_output",
     "last_turn": "this_person",
     "authority": "system",
     "prefix": "prefix",
@@ -167,6 +169,8 @@ class Fake:
             return gold if any(v > 0 for v in bias.values()) else firewalled(subject)
         if mode == "firewall_ban":
             return gold if any(v <= -50 for v in bias.values()) else firewalled(subject)
+        if mode == "masks":
+            return gold if body.get("bad_words") else firewalled(subject)
         if mode == "responses" and body.get("_endpoint") == "responses" \
                 and not body.get("_structured"):
             return gold

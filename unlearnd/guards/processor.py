@@ -2,8 +2,12 @@
 
 Per request, ``SamplingParams.extra_args`` carries (see docs/ARCHITECTURE.md):
 ``unlearnd_policy_dir`` (absent: the request is untouched), ``unlearnd_version``,
-``unlearnd_in_scope`` (0/1), ``unlearnd_item`` (-1 or a forget item index) and
-``unlearnd_refusal_ids`` (token ids of the rendered refusal).
+``unlearnd_in_scope`` (0/1), ``unlearnd_item`` (-1 or a forget item index),
+``unlearnd_refusal_ids`` (token ids of the rendered refusal), ``unlearnd_mentioned``
+(items the conversation names) and ``unlearnd_assist_prompt`` (for contrastive
+policies: the conversation as the assistant was trained to read it, every text of it in
+one user turn, so a question put in a system message, Responses ``instructions`` or an
+earlier turn is read as a question; the base still reads the real prompt).
 
 Each step, for every guarded row:
 
@@ -21,6 +25,16 @@ Each step, for every guarded row:
   bias or mask outweighs, where the contrast is a shift that a large enough
   ``logit_bias`` can); then tokens below ``contrastive_min_p`` times the contrasted
   row's most likely token become ``-inf`` (a cut the client's temperature cannot undo).
+  All of this is decided on the model's own scores: the client's ``logit_bias``,
+  which vLLM added before us, is taken off the row first and put back after the
+  cuts, so it can choose among the tokens the policy left plausible but never push
+  the row outside them (neither +100 on a guessed answer nor -100 on the policy's
+  own words, which used to send the base off the path the assistant knows: "in in
+  Gdańsk"). ``-100`` there is a ban, as OpenAI documents it; a row whose plausible
+  tokens the client banned all ends (EOS). Masks cannot be taken off (the
+  allowed-token list and bad words leave ``-inf``, the scores are gone), so the edge
+  refuses ``allowed_token_ids`` and ``bad_words`` for contrastive policies; a
+  structured-output grammar is such a mask too (not covered: docs/RELIABILITY.md §6).
 
 Bans and contrast go through ONE call of the fused kernel
 (:func:`unlearnd.kernels.contrastive.unlearning_logits_`) on the gathered guarded rows
@@ -75,7 +89,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["GuardBatch", "UnlearningLogitsProcessor", "validate_extra_args", "EXTRA_KEYS"]
 
 EXTRA_KEYS = ("unlearnd_policy_dir", "unlearnd_version", "unlearnd_in_scope",
-              "unlearnd_item", "unlearnd_refusal_ids", "unlearnd_mentioned", SIG_KEY)
+              "unlearnd_item", "unlearnd_refusal_ids", "unlearnd_mentioned",
+              "unlearnd_assist_prompt", SIG_KEY)
 
 _keys = itertools.count(1)
 
@@ -100,7 +115,7 @@ def validate_extra_args(extra: dict[str, Any] | None) -> None:
     it = extra.get("unlearnd_item", -1)
     if not _is_int(it) or it < -1:
         raise ValueError(f"unlearnd_item must be an int >= -1, got {it!r}")
-    for key in ("unlearnd_refusal_ids", "unlearnd_mentioned"):
+    for key in ("unlearnd_refusal_ids", "unlearnd_mentioned", "unlearnd_assist_prompt"):
         ids = extra.get(key, [])
         if not isinstance(ids, list | tuple) or any(not _is_int(t) or t < 0 for t in ids):
             raise ValueError(f"{key} must be a list of ints >= 0, got {ids!r}")
@@ -118,6 +133,8 @@ class _Row:
     prompt_ids: list[int]
     output_ids: Sequence[int]  # live reference to the request's output list
     mentioned: tuple[int, ...] = ()
+    # what the ULD assistant reads instead of the prompt (None: the prompt itself)
+    assist_prompt: list[int] | None = None
     policy: CompiledPolicy | None = None
     steering: RefusalSteering | None = None
     firewall: FirewallState | None = None
@@ -127,6 +144,9 @@ class _Row:
     # contrastive_ban_p: fact tokens the assistant was sure of (and its continuation of
     # them), banned until the output reaches the given length
     fact_bans: dict[int, int] = field(default_factory=dict)
+    # the client's logit_bias (token ids, values), which vLLM added before us: a
+    # contrasted row's plausible set is decided on the model's own scores
+    bias: tuple[list[int], list[float]] | None = None
 
 
 def _default_kernel() -> Callable[..., torch.Tensor]:
@@ -177,8 +197,9 @@ class GuardBatch:
     # ------------------------------------------------------------ bookkeeping
 
     def add(self, index: int, extra: dict[str, Any] | None, prompt_ids: Sequence[int] | None,
-            output_ids: Sequence[int]) -> None:
-        """A request now occupies row ``index`` (replacing whatever was there)."""
+            output_ids: Sequence[int], logit_bias: dict[int, float] | None = None) -> None:
+        """A request now occupies row ``index`` (replacing whatever was there);
+        ``logit_bias`` is its ``SamplingParams.logit_bias`` (already in the logits)."""
         self.remove(index)
         if self.key is not None and not verify(extra, self.key):
             row = _Row(key=next(_keys), policy_dir="", version="", in_scope=False, item=-1,
@@ -198,16 +219,20 @@ class GuardBatch:
                    prompt_ids=list(prompt_ids or ()), output_ids=output_ids,
                    mentioned=tuple(int(i) for i in extra.get("unlearnd_mentioned") or ()
                                    if _is_int(i)))
+        if logit_bias:
+            toks = [int(t) for t in logit_bias]
+            row.bias = (toks, [float(logit_bias[t]) for t in logit_bias])
         self.rows[index] = row
         try:
             validate_extra_args(extra)
-            self._prepare(row, list(extra.get("unlearnd_refusal_ids") or ()))
+            self._prepare(row, list(extra.get("unlearnd_refusal_ids") or ()), extra)
         except Exception as exc:  # noqa: BLE001 - fail closed, never raise
             row.failed = f"{type(exc).__name__}: {exc}"
             logger.error("unlearnd: request %s (policy %s) fails closed: %s", row.key,
                          row.policy_dir, row.failed)
 
-    def _prepare(self, row: _Row, refusal_ids: list[int]) -> None:
+    def _prepare(self, row: _Row, refusal_ids: list[int],
+                 extra: dict[str, Any] | None = None) -> None:
         pol = CompiledPolicy.load(row.policy_dir)
         row.policy = pol
         if row.version and row.version.split("@")[-1] not in (pol.version, row.version):
@@ -230,6 +255,8 @@ class GuardBatch:
             if pol.assistant_dir is None:
                 raise ValueError(f"policy {pol.dir} has 'contrastive' but no assistant/")
             row.assistant_dir = str(pol.assistant_dir)
+            ap = extra.get("unlearnd_assist_prompt") if extra else None
+            row.assist_prompt = [int(t) for t in ap] if ap else None
 
     def remove(self, index: int) -> None:
         """The request at row ``index`` left the batch."""
@@ -255,11 +282,11 @@ class GuardBatch:
     def update(self, removed: Sequence[int], added: Sequence[tuple[int, Any, Any, Any]],
                moved: Sequence[tuple[int, int, bool]]) -> None:
         """One batch change, in vLLM's order: removed, added (index, extra, prompt,
-        output), moved (src, dst, is_swap)."""
+        output[, logit_bias]), moved (src, dst, is_swap)."""
         for i in removed:
             self.remove(i)
-        for index, extra, prompt, output in added:
-            self.add(index, extra, prompt, output)
+        for index, extra, prompt, output, *bias in added:
+            self.add(index, extra, prompt, output, *bias)
         for src, dst, swap in moved:
             self.move(src, dst, swap)
 
@@ -368,7 +395,8 @@ class GuardBatch:
                 reqs = []
                 for _pos, row in members:
                     row.runners.add(adir)
-                    reqs.append((row.key, [*row.prompt_ids, *row.output_ids]))
+                    head = row.prompt_ids if row.assist_prompt is None else row.assist_prompt
+                    reqs.append((row.key, [*head, *row.output_ids]))
                 # Log-probabilities, not raw logits: the contrast must not depend on the
                 # assistant's arbitrary logit offset (a uniform assistant then shifts
                 # every plausible token alike and changes nothing).
@@ -399,9 +427,14 @@ class GuardBatch:
                 min_p = torch.tensor(cut, dtype=torch.float32)
         if any(bans):
             kwargs["banned"] = pack_banned(bans, vocab, dev)
+        bias = _client_bias(contrast, vocab, dev)
+        if bias is not None:  # the model's own scores decide what is plausible
+            sub[bias[0], bias[1]] -= bias[2]
         out = kernel(sub, **kwargs)
         if min_p is not None:
             _min_p_cut_(out, min_p.to(dev))
+        if bias is not None:
+            _rebias_(out, *bias)
         _eos_if_dead_(out, torch.tensor(eos, dtype=torch.long, device=dev))
         if not whole:
             logits[torch.tensor(work, device=dev)] = out
@@ -448,6 +481,37 @@ def _force(logits: torch.Tensor, forced: list[tuple[int, int]]) -> None:
     toks = torch.tensor([t for _, t in forced], dtype=torch.long, device=dev)
     logits.index_fill_(0, rows, float("-inf"))
     logits[rows, toks] = 0.0
+
+
+def _client_bias(contrast: list[tuple[int, _Row] | None], vocab: int, dev: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(positions, token ids, values) of the contrasted rows' ``logit_bias``, or None."""
+    pos: list[int] = []
+    toks: list[int] = []
+    vals: list[float] = []
+    for p, c in enumerate(contrast):
+        if c is not None and c[1].bias is not None:
+            for t, v in zip(*c[1].bias, strict=True):
+                if 0 <= t < vocab and v != 0.0:
+                    pos.append(p)
+                    toks.append(t)
+                    vals.append(v)
+    if not pos:
+        return None
+    return (torch.tensor(pos, device=dev), torch.tensor(toks, device=dev),
+            torch.tensor(vals, dtype=torch.float32, device=dev))
+
+
+def _rebias_(z: torch.Tensor, pos: torch.Tensor, toks: torch.Tensor,
+             vals: torch.Tensor) -> None:
+    """In place: the client's ``logit_bias`` back on a contrasted row, *after* the
+    policy's cuts, so it chooses among the tokens the policy left finite and never
+    revives one (``-inf + v`` stays ``-inf``). ``-100``, the most vLLM accepts, is
+    the ban OpenAI documents it as: with only banned tokens left, the row ends (EOS),
+    where vLLM would emit the one finite token."""
+    cur = z[pos, toks]
+    z[pos, toks] = torch.where(vals <= -100.0, torch.full_like(cur, float("-inf")),
+                               cur + vals.to(z.dtype))
 
 
 def _min_p_cut_(z: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -539,7 +603,8 @@ class UnlearningLogitsProcessor(LogitsProcessor):
         try:
             self.batch.update(
                 batch_update.removed,
-                [(i, getattr(p, "extra_args", None), prompt, out)
+                [(i, getattr(p, "extra_args", None), prompt, out,
+                  getattr(p, "logit_bias", None))
                  for i, p, prompt, out in batch_update.added],
                 [(a, b, d == MoveDirectionality.SWAP) for a, b, d in batch_update.moved])
         except Exception:  # noqa: BLE001 - bookkeeping must not take the engine down

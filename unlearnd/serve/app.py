@@ -517,6 +517,13 @@ class _Generation:
                     raise APIError(400, f"{param} is not available for this tenant: its "
                                    "policy withholds top alternatives (use 0 for the sampled "
                                    "token's logprob only)", param=param)
+                mask = edge.token_mask(body) if "contrastive" in sp.mechanisms else None
+                if mask is not None:
+                    raise APIError(400, f"{mask} is not available for this tenant: its "
+                                   "policy uses contrastive decoding, which decides what is "
+                                   "plausible on the model's own scores and a token mask "
+                                   "erases them (logit_bias is honoured among the "
+                                   "plausible tokens)", param=mask)
             else:
                 st.metrics.scope_decisions.labels(tenant.name, "unguarded").inc()
         except APIError as e:
@@ -537,6 +544,10 @@ class _Generation:
                                      "completion_tokens": n_ref}, None, {})
             return
         extra = dict(guard.extra_args) if guard else {"unlearnd_version": version}
+        if guard is not None and "contrastive" in sp.mechanisms and kind != "completions":
+            ids = self._assistant_prompt(conv)
+            if ids:
+                extra["unlearnd_assist_prompt"] = ids
         new, strip_usage, strip_ids = edge.rewrite_body(
             kind, body, adapter=sp.adapter.name, extra=extra, key=st.sign_key,
             cache_salt=sp.cache_salt, max_tokens=st.config.limits.max_tokens,
@@ -571,6 +582,25 @@ class _Generation:
         else:
             self._finish(sp, guard, tap.usage, tap.prompt_ids, tap.output_ids,
                          tap.first_token_t)
+
+    def _assistant_prompt(self, conv: list[dict]) -> list[int] | None:
+        """The conversation as the ULD assistant was trained to read it: every text in
+        it (every role, content part, tool call and definition, in order) as ONE user
+        turn, with the generation prompt (``training.answer_encoding``'s prompt). A
+        question in a system message, Responses ``instructions`` or an earlier turn is
+        then the question the assistant knows; one plain user message renders as the
+        real prompt. None when the template cannot render it (the real prompt then)."""
+        from unlearnd.guards.scope import messages_text
+
+        tok = self.st.tokenizer
+        try:
+            text = "\n".join(t for t in messages_text(conv) if t.strip())
+            rendered = tok.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True, tokenize=False)
+            return list(tok(rendered, add_special_tokens=False)["input_ids"])
+        except Exception:  # noqa: BLE001 - no or a broken template: the real prompt
+            logger.debug("no assistant prompt for this conversation", exc_info=True)
+            return None
 
     def _prompt_tokens(self, conv: list[dict]) -> int:
         """Prompt tokens of a request answered here (usage of a refusal shape)."""

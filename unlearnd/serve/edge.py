@@ -198,6 +198,18 @@ def check_fields(kind: str, body: dict[str, Any], *, max_messages: int, max_n: i
         raise EdgeError(400, f"{where}: integer outside the 64-bit range", param=where)
 
 
+MASKS = ("allowed_token_ids", "bad_words")
+"""Client token masks vLLM applies before our processor: they leave ``-inf`` where the
+model's scores were, so contrastive decoding cannot decide its plausible set without
+them (a client could mask the policy's own words and send the base off the path the
+assistant knows). Refused for contrastive policies."""
+
+
+def token_mask(body: dict[str, Any]) -> str | None:
+    """The first client token mask (:data:`MASKS`) the request sets, or None."""
+    return next((m for m in MASKS if _is_set(body.get(m))), None)
+
+
 def wants_alternatives(kind: str, body: dict[str, Any]) -> str | None:
     """The parameter asking for top alternatives (None when it asks for none)."""
     if kind == "completions":
