@@ -182,7 +182,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
     for group in sorted(assistant_groups):
         out = workdir / "assistants" / f"group_{group}"
-        _cached(out, {"world": world, "group": group, "v": 5},
+        _cached(out, {"world": world, "group": group, "v": 6, "save": "lora"},
                 lambda out=out, group=group: _train_assistant(data, group, retain, base, out))
         paths[f"assistant:{group}"] = out
     for name in sorted(needed_policies):
@@ -293,7 +293,11 @@ def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path
     # contrastive_ban_p then cut the retain biographies (VerbMem 0.77 -> 0.45)
     docs = data / "retain_docs.jsonl"
     retains = [retain, docs] if docs.is_file() else [retain]
-    return train_assistant(base, both, retains, out, epochs=_assistant_epochs(both, 300))
+    # saved as a LoRA over the base's first K layers (the engine shares those layers
+    # across every such assistant, so a contrastive tenant costs its LoRA), the form
+    # an operator with many tenants uses; it computes the merged model's logits
+    return train_assistant(base, both, retains, out, epochs=_assistant_epochs(both, 300),
+                           save="lora")
 
 
 def _assistant_epochs(forget: Path, default: int = 100) -> int:
