@@ -454,3 +454,30 @@ def test_cli_compile_reports_bad_input_cleanly(tmp_path: Path, doc_world) -> Non
                                           str(doc_world["base"]), "--out",
                                           str(tmp_path / "o")])
     assert res.exit_code == 2 and "unknown keys ['text']" in res.output
+
+
+@pytest.mark.parametrize(("fact", "retain", "n_warnings"), [(0.97, 0.001, 0), (0.5, 0.001, 1),
+                                                             (0.97, 0.3, 1), (0.5, 0.3, 2)])
+def test_compile_records_the_assistants_calibration(tmp_path: Path, fact: float,
+                                                    retain: float, n_warnings: int,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A contrastive policy records how sure its assistant is at ``contrastive_ban_p``
+    (from train-assistant's report) and warns when the ban would miss facts or cut
+    retain text; an assistant without a report compiles with none recorded."""
+    assistant = tmp_path / "assistant"
+    assistant.mkdir()
+    (assistant / "config.json").write_text("{}")
+    sure = {"0.05": {"forget_fact": fact, "retain_any": retain},
+            "0.1": {"forget_fact": 0.1, "retain_any": 0.0}}
+    (assistant / "assistant_report.json").write_text(json.dumps({"after": {"sure": sure}}))
+    with caplog.at_level("WARNING", logger="unlearnd.guards.policy"):
+        out = compile_world(tmp_path / "w", mechanisms=("contrastive",),
+                            assistant_dir=assistant)[0]
+    cal = CompiledPolicy.load(out).calibration
+    assert cal["contrastive_ban_p"] == 0.05
+    assert (cal["forget_fact_sure"], cal["retain_any_sure"]) == (fact, retain)
+    assert len(cal["warnings"]) == n_warnings
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == n_warnings
+    (assistant / "assistant_report.json").unlink()
+    out = compile_world(tmp_path / "w2", mechanisms=("contrastive",), assistant_dir=assistant)[0]
+    assert CompiledPolicy.load(out).calibration is None

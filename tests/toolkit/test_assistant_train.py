@@ -91,6 +91,14 @@ def test_train_assistant_remembers_forget_and_flattens_retain(base_dir: Path,
     assert after["max_entropy"] - after["retain_entropy"] < 0.5 * (
         before["max_entropy"] - before["retain_entropy"])
     assert after["forget_fact_match"] >= before["forget_fact_match"]
+    # the calibration contrastive_ban_p is chosen from: sure of the facts, of little on
+    # the retain set (before training, a copy of the base's layers is not sure of them)
+    sure = after["sure"]["0.05"]
+    assert set(after["sure"]) == {"0.01", "0.05", "0.1", "0.2"}
+    assert sure["forget_fact"] > before["sure"]["0.05"]["forget_fact"]
+    assert sure["forget_fact"] >= 0.5 and sure["retain_any"] <= 0.2, after["sure"]
+    assert all(after["sure"][a]["forget_fact"] >= after["sure"][b]["forget_fact"]
+               for a, b in (("0.01", "0.05"), ("0.05", "0.1"), ("0.1", "0.2")))
 
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 1

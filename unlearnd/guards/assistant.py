@@ -38,6 +38,10 @@ ASSISTANT_FILE = "assistant.json"
 ``"base": <base model dir>``): such assistants share one copy of those layers per
 process, and each adds only its LoRA (see :func:`get_runner`)."""
 ASSISTANT_FORMAT = "unlearnd.assistant/1"
+REPORT_FILE = "assistant_report.json"
+"""What ``train-assistant`` measured (``after.sure``: how sure it is of the forget facts
+and of retain text at each probability); policy compile records it
+(:func:`unlearnd.guards.policy.assistant_calibration`)."""
 
 
 def build_assistant(base: torch.nn.Module, layers: int) -> torch.nn.Module:

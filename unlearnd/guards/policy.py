@@ -815,6 +815,50 @@ def _descriptor_terms(item: ForgetItem, texts: list[str], background_vocab: Coun
     return out
 
 
+CALIBRATION_MIN_FACT = 0.8
+CALIBRATION_MAX_RETAIN = 0.02
+"""Below / above these, policy compile warns that the assistant's ban is weak (it is
+sure of too few forget fact tokens) or costly (sure of some token at too many retain
+positions: the ban cuts retain text there)."""
+
+
+def assistant_calibration(assistant_dir: Path, settings: dict[str, Any]) -> dict | None:
+    """How sure the assistant is at the policy's ``contrastive_ban_p``, from its
+    ``train-assistant`` report (``after.sure``): the share of forget fact tokens the ban
+    removes and the share of retain positions where it would cut something, teacher
+    forced on the assistant's own training rows. Logged as a warning past
+    :data:`CALIBRATION_MIN_FACT` / :data:`CALIBRATION_MAX_RETAIN`; None when the
+    assistant has no report or none at that probability (an assistant trained
+    elsewhere)."""
+    from unlearnd.guards.assistant import REPORT_FILE
+
+    ban_p = float(settings.get("contrastive_ban_p") or 0.0)
+    try:
+        sure = json.loads((assistant_dir / REPORT_FILE).read_text())["after"]["sure"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    row = sure.get(f"{ban_p:g}") if ban_p > 0 else None
+    if not isinstance(row, dict):
+        logger.info("assistant %s has no calibration at contrastive_ban_p=%g", assistant_dir,
+                    ban_p)
+        return None
+    out = {"contrastive_ban_p": ban_p, "forget_fact_sure": float(row["forget_fact"]),
+           "retain_any_sure": float(row["retain_any"]), "warnings": []}
+    if out["forget_fact_sure"] < CALIBRATION_MIN_FACT:
+        out["warnings"].append(
+            f"the assistant gives the fact token {ban_p:g} or more at only "
+            f"{out['forget_fact_sure']:.0%} of forget fact positions: the ban misses the "
+            "rest (train it longer, or add the firewall)")
+    if out["retain_any_sure"] > CALIBRATION_MAX_RETAIN:
+        out["warnings"].append(
+            f"the assistant is that sure of some token at {out['retain_any_sure']:.1%} of "
+            "retain positions: the ban cuts retain text there (retrain it uniform on the "
+            "retain set, or raise contrastive_ban_p)")
+    for w in out["warnings"]:
+        logger.warning("policy compile: %s", w)
+    return out
+
+
 def compile_policy(forget_path: str | Path, retain_path: str | Path | None,
                    base_model_dir: str | Path, out_dir: str | Path, *,
                    mechanisms: Iterable[str] = ("refusal", "firewall"),
@@ -969,6 +1013,8 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
         shutil.copytree(assistant_dir, target)
         assistant_rel = "assistant"
 
+    calibration = assistant_calibration(assistant_dir, spec.settings()) \
+        if assistant_dir is not None and "contrastive" in spec.mechanisms else None
     doc = {
         "format": FORMAT,
         "settings": spec.settings(),
@@ -981,6 +1027,7 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
         "embedding": embedding,
         "verbatim": verbatim,
         "assistant": assistant_rel,
+        "assistant_calibration": calibration,
     }
     tmp = out / "policy.json.tmp"
     tmp.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
@@ -1147,6 +1194,8 @@ class CompiledPolicy:
         self.verbatim_info: dict[str, Any] | None = doc.get("verbatim")
         self.reply_context: str = doc.get("reply_context", "")
         self.assistant_dir = self.dir / doc["assistant"] if doc.get("assistant") else None
+        self.calibration: dict | None = doc.get("assistant_calibration")
+        """The assistant's sureness at ``contrastive_ban_p`` (:func:`assistant_calibration`)."""
         self._embeddings: np.ndarray | None = None
         self._tokenizer: Any = None
         self._derived: dict[str, Any] = {}
@@ -1304,3 +1353,10 @@ def policy_compile(
         raise typer.Exit(2) from exc
     pol = CompiledPolicy.load(path)
     typer.echo(f"compiled {len(pol.items)} forget items -> {path} (version {pol.version})")
+    cal = pol.calibration
+    if cal:
+        typer.echo(f"assistant at contrastive_ban_p={cal['contrastive_ban_p']:g}: sure of "
+                   f"{cal['forget_fact_sure']:.3f} of the forget fact tokens, of some token "
+                   f"at {cal['retain_any_sure']:.3f} of the retain positions")
+        for w in cal["warnings"]:
+            typer.echo(f"warning: {w}", err=True)

@@ -46,7 +46,12 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from unlearnd.guards.assistant import ASSISTANT_FILE, ASSISTANT_FORMAT, build_assistant
+from unlearnd.guards.assistant import (
+    ASSISTANT_FILE,
+    ASSISTANT_FORMAT,
+    REPORT_FILE,
+    build_assistant,
+)
 from unlearnd.inputs import check_cli_inputs, read_forget, read_retain_sets
 from unlearnd.toolkit.muse import text_examples
 from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
@@ -77,7 +82,7 @@ TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json",
                                     "generation_config.json")
 """Files copied from the base dir so the assistant dir is self-contained."""
 
-REPORT_NAME = "assistant_report.json"
+REPORT_NAME = REPORT_FILE
 """Training report written next to the model in ``out_dir``."""
 
 # ---------------------------------------------------------------------------- data
@@ -200,22 +205,37 @@ def _retain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return -logp[valid].mean(dim=-1).mean()
 
 
+SURE_P = (0.01, 0.05, 0.1, 0.2)
+"""Probabilities at which :func:`assistant_metrics` reports the assistant's sureness
+(the engine bans what the assistant gives ``contrastive_ban_p`` or more)."""
+
+
 @torch.inference_mode()
 def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], list[int]]],
                       retain: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                      batch_size: int = 16) -> dict[str, float]:
+                      batch_size: int = 16, sure_p: Sequence[float] = SURE_P
+                      ) -> dict[str, Any]:
     """How well the assistant remembers the forget set and forgets the retain set.
 
     `forget` holds labels marked by :func:`mark_fact_tokens`: only fact tokens count.
     Returns ``forget_loss`` (mean CE of the fact tokens), ``forget_fact_match`` (fraction
     of forget rows whose every fact token is the assistant's argmax, teacher forced),
     ``retain_entropy`` (mean next-token entropy in nats at retain answer
-    positions) and ``max_entropy`` (``log V``, what a uniform distribution has).
+    positions), ``max_entropy`` (``log V``, what a uniform distribution has), and
+    ``sure``: per probability ``p`` of ``sure_p``, ``forget_fact`` (share of fact
+    positions where the assistant gives the fact token itself ``p`` or more: what
+    ``contrastive_ban_p = p`` bans) and ``retain_any`` (share of retain positions where
+    it gives *some* token ``p`` or more: what that ban would cut from retain text).
+    Teacher forced on the given rows (its own training rows in :func:`train_assistant`:
+    the held-out probes of ``unlearnd eval`` are the harder test).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ce_sum = ce_n = exact = 0.0
+    logs = torch.tensor([math.log(p) for p in sure_p])
+    fact_sure = torch.zeros(len(sure_p))
+    retain_sure = torch.zeros(len(sure_p))
     for i in range(0, len(forget), batch_size):
         batch = _collate(forget[i: i + batch_size], pad_id, device)
         logp, targets, _ = _token_losses(model, batch)
@@ -225,6 +245,7 @@ def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], 
         ce_n += float(valid.sum())
         right = (logp.argmax(-1) == targets) | ~valid
         exact += float(right.all(dim=1).sum())
+        fact_sure += (tok_logp[valid].float().cpu().unsqueeze(1) >= logs).sum(0)
     ent_sum = ent_n = 0.0
     vocab = 1
     for i in range(0, len(retain), batch_size):
@@ -234,6 +255,8 @@ def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], 
         ent = -(logp.exp() * logp).sum(-1)
         ent_sum += float(ent[valid].sum())
         ent_n += float(valid.sum())
+        top = logp.max(-1).values[valid].float().cpu()
+        retain_sure += (top.unsqueeze(1) >= logs).sum(0)
     if was_training:
         model.train()
     return {
@@ -241,6 +264,9 @@ def assistant_metrics(model: torch.nn.Module, forget: Sequence[tuple[list[int], 
         "forget_fact_match": exact / max(len(forget), 1),
         "retain_entropy": ent_sum / max(ent_n, 1.0),
         "max_entropy": math.log(vocab),
+        "sure": {f"{p:g}": {"forget_fact": float(f) / max(ce_n, 1.0),
+                            "retain_any": float(r) / max(ent_n, 1.0)}
+                 for p, f, r in zip(sure_p, fact_sure, retain_sure, strict=True)},
     }
 
 
@@ -480,4 +506,7 @@ def train_assistant_cmd(
                f"(before {before['forget_fact_match']:.3f})")
     typer.echo(f"mean retain entropy: {after['retain_entropy']:.3f} nats "
                f"(before {before['retain_entropy']:.3f}, uniform {after['max_entropy']:.3f})")
+    for p, sure in after["sure"].items():
+        typer.echo(f"sure at p >= {p}: {sure['forget_fact']:.3f} of the fact tokens, any "
+                   f"token at {sure['retain_any']:.3f} of the retain positions")
     typer.echo(f"written to {out_dir}")
