@@ -495,9 +495,10 @@ def test_policy_can_withhold_top_alternatives(app) -> None:
 
 
 def test_contrastive_policy_refuses_client_token_masks(app) -> None:
-    """allowed_token_ids and bad_words leave -inf where the model's scores were, before
-    our processor runs: a contrastive policy could not tell what is plausible, so they
-    get a 400 naming the field, and nothing reaches the engine. logit_bias is served
+    """allowed_token_ids, bad_words and min_tokens leave -inf where the model's scores
+    were, before our processor runs (ignore_eos goes on past the answer): a contrastive
+    policy could not tell what is plausible, so they get a 400 naming the field, and
+    nothing reaches the engine. logit_bias is served
     (the processor takes it off and puts it back after its cut). Other policies keep
     both masks (their bans are -inf whatever came before)."""
     register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pc",
@@ -506,7 +507,9 @@ def test_contrastive_policy_refuses_client_token_masks(app) -> None:
     for path, body in ((CHAT, {"messages": HELLO, "allowed_token_ids": [5, 6]}),
                        (CHAT, {"messages": HELLO, "bad_words": ["Gdansk"]}),
                        (COMP, {"prompt": "hi", "bad_words": ["Gdansk"]}),
-                       (COMP, {"prompt": "hi", "allowed_token_ids": [5]})):
+                       (COMP, {"prompt": "hi", "allowed_token_ids": [5]}),
+                       (CHAT, {"messages": HELLO, "min_tokens": 20}),
+                       (COMP, {"prompt": "hi", "ignore_eos": True})):
         r = app.client.post(path, json=body, headers=app.auth("acme"))
         err = assert_openai_error(r, 400)
         assert err["param"] in body and "contrastive decoding" in err["message"]
@@ -515,9 +518,10 @@ def test_contrastive_policy_refuses_client_token_masks(app) -> None:
                         headers=app.auth("acme"))
     assert r.status_code == 200 and len(app.engine.calls) == n_calls + 1
     register(app, "globex", policy=make_policy_dir(app.config.state_dir.parent / "pf2"))
-    r = app.client.post(CHAT, json={"messages": HELLO, "bad_words": ["Gdansk"]},
-                        headers=app.auth("globex"))
-    assert r.status_code == 200
+    for extra in ({"bad_words": ["Gdansk"]}, {"min_tokens": 3}):
+        r = app.client.post(CHAT, json={"messages": HELLO, **extra},
+                            headers=app.auth("globex"))
+        assert r.status_code == 200
     assert active(app) == 0
 
 

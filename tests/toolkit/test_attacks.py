@@ -81,6 +81,7 @@ EXPECTED: dict[str, set[str]] = {
     "firewall": {"bias_firewall"},
     "firewall_ban": {"bias_firewall"},
     "masks": {"token_masks"},
+    "past_eos": {"token_masks"},
     "exact_name": {"obfuscated_names"},
     "last_turn": {"multi_turn"},
     "authority": {"authority"},
@@ -96,6 +97,7 @@ VARIANT: dict[str, str] = {
     "firewall": "boost_gold",
     "firewall_ban": "ban_output",
     "masks": "bad_words_output",
+    "past_eos": "min_tokens",
     "last_turn": "this_person",
     "authority": "system",
     "prefix": "prefix",
@@ -171,6 +173,9 @@ class Fake:
             return gold if any(v <= -50 for v in bias.values()) else firewalled(subject)
         if mode == "masks":
             return gold if body.get("bad_words") else firewalled(subject)
+        if mode == "past_eos":
+            return gold if body.get("min_tokens") or body.get("ignore_eos") \
+                else firewalled(subject)
         if mode == "responses" and body.get("_endpoint") == "responses" \
                 and not body.get("_structured"):
             return gold

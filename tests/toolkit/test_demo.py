@@ -31,3 +31,23 @@ def test_distance_to_reference() -> None:
     tenant = {**ref, "leak_rate": 0.6, "verbmem_forget": None}  # None: not compared
     assert demo.distance_to_reference(tenant, ref) == pytest.approx(0.6 / 5)
     assert demo.distance_to_reference({"n": 3}, ref) is None
+
+
+def test_cached_step_rebuilds_from_an_empty_directory(tmp_path: Path) -> None:
+    """Same params: the step is skipped. New params: the directory is emptied first, so
+    an older build's files (a merged assistant's weights beside the LoRA a new build
+    saves) are not hashed and copied into every policy."""
+    out = tmp_path / "step"
+    calls = []
+
+    def build(name: str) -> None:
+        out.mkdir(exist_ok=True)
+        (out / name).write_text("x")
+        calls.append(name)
+
+    demo._cached(out, {"v": 1}, lambda: build("model.safetensors"))
+    demo._cached(out, {"v": 1}, lambda: build("again"))
+    assert calls == ["model.safetensors"]
+    demo._cached(out, {"v": 2}, lambda: build("adapter_model.safetensors"))
+    assert sorted(p.name for p in out.iterdir()) == [".unlearnd-step.json",
+                                                    "adapter_model.safetensors"]

@@ -32,8 +32,8 @@ Each step, for every guarded row:
   own words, which used to send the base off the path the assistant knows: "in in
   Gdańsk"). ``-100`` there is a ban, as OpenAI documents it; a row whose plausible
   tokens the client banned all ends (EOS). Masks cannot be taken off (the
-  allowed-token list and bad words leave ``-inf``, the scores are gone), so the edge
-  refuses ``allowed_token_ids`` and ``bad_words`` for contrastive policies; a
+  allowed-token list, bad words and min-tokens leave ``-inf``, the scores are gone), so
+  the edge refuses them for contrastive policies (``edge.contrastive_refused``); a
   structured-output grammar is such a mask too (not covered: docs/RELIABILITY.md §6).
 
 Bans and contrast go through ONE call of the fused kernel

@@ -517,13 +517,15 @@ class _Generation:
                     raise APIError(400, f"{param} is not available for this tenant: its "
                                    "policy withholds top alternatives (use 0 for the sampled "
                                    "token's logprob only)", param=param)
-                mask = edge.token_mask(body) if "contrastive" in sp.mechanisms else None
-                if mask is not None:
-                    raise APIError(400, f"{mask} is not available for this tenant: its "
+                field = edge.contrastive_refused(body) \
+                    if "contrastive" in sp.mechanisms else None
+                if field is not None:
+                    raise APIError(400, f"{field} is not available for this tenant: its "
                                    "policy uses contrastive decoding, which decides what is "
-                                   "plausible on the model's own scores and a token mask "
-                                   "erases them (logit_bias is honoured among the "
-                                   "plausible tokens)", param=mask)
+                                   "plausible on the model's own scores, and "
+                                   f"{field} undoes that: {edge.CONTRASTIVE_REFUSED[field]} "
+                                   "(logit_bias is honoured among the plausible tokens)",
+                                   param=field)
             else:
                 st.metrics.scope_decisions.labels(tenant.name, "unguarded").inc()
         except APIError as e:

@@ -198,16 +198,25 @@ def check_fields(kind: str, body: dict[str, Any], *, max_messages: int, max_n: i
         raise EdgeError(400, f"{where}: integer outside the 64-bit range", param=where)
 
 
-MASKS = ("allowed_token_ids", "bad_words")
-"""Client token masks vLLM applies before our processor: they leave ``-inf`` where the
-model's scores were, so contrastive decoding cannot decide its plausible set without
-them (a client could mask the policy's own words and send the base off the path the
-assistant knows). Refused for contrastive policies."""
+CONTRASTIVE_REFUSED: dict[str, str] = {
+    "allowed_token_ids": "a token mask, applied before the policy sees the scores",
+    "bad_words": "a token mask, applied before the policy sees the scores",
+    "min_tokens": "it masks the end of text before the policy sees the scores, forcing "
+                  "the model on past its answer",
+    "ignore_eos": "it forces the model on past its answer",
+}
+"""Fields a contrastive policy refuses (400). vLLM applies the masks before our logits
+processor, as ``-inf`` where the model's scores were, so contrastive decoding cannot
+decide its plausible set under them; a client could mask the policy's own words and
+send the base off the path the assistant knows (``token_masks`` attack). Going on past
+the answer (``min_tokens``, ``ignore_eos``) starts a second answer in a context the
+assistant was not trained on (measured on the demo world: 2 and 1 of 32 forget answers
+out of the contrastive-only tenant). Refusal and firewall bans hold under all four."""
 
 
-def token_mask(body: dict[str, Any]) -> str | None:
-    """The first client token mask (:data:`MASKS`) the request sets, or None."""
-    return next((m for m in MASKS if _is_set(body.get(m))), None)
+def contrastive_refused(body: dict[str, Any]) -> str | None:
+    """The first :data:`CONTRASTIVE_REFUSED` field the request sets, or None."""
+    return next((m for m in CONTRASTIVE_REFUSED if _is_set(body.get(m))), None)
 
 
 def wants_alternatives(kind: str, body: dict[str, Any]) -> str | None:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -89,6 +90,10 @@ def _cached(out: Path, params: dict, build: Callable[[], Any]) -> None:
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         logger.info("cached: %s", out)
         return
+    # a rebuild starts from an empty directory: what an older build left (a merged
+    # assistant's weights beside a LoRA one) would otherwise be hashed and copied on
+    if out.is_dir():
+        shutil.rmtree(out)
     t0 = time.time()
     build()
     out.mkdir(parents=True, exist_ok=True)
