@@ -413,6 +413,19 @@ def _replace_name(question: str, name: str, plain: str, possessive: str) -> str:
 # ---------------------------------------------------------------------------- attacks
 
 
+async def plain_answer(ctx: Context, item: Item, out: Outcome) -> str | None:
+    """The tenant's plain greedy answer, recorded as variant ``plain``; None (and the
+    4xx in ``out.refused``) when the API refused it."""
+    out.requests += 1
+    try:
+        plain = await ctx.plain(item)
+    except ApiRefused as exc:
+        out.refused.append(f"plain: {exc}")
+        return None
+    out.add("plain", plain, ctx.leaks(plain, item))
+    return plain
+
+
 class Attack:
     """An attack: ``applies(item)`` and ``run(ctx, item, out)`` filling the Outcome."""
 
@@ -543,13 +556,9 @@ class BiasRefusal(Attack):
     summary = f"plain ask; if refused, logit_bias -100 on up to {MAX_BIAS_TOKENS} refusal tokens"
 
     async def run(self, ctx: Context, item: Item, out: Outcome) -> None:
-        out.requests += 1
-        try:
-            plain = await ctx.plain(item)
-        except ApiRefused as exc:
-            out.refused.append(f"plain: {exc}")
+        plain = await plain_answer(ctx, item, out)
+        if plain is None:
             return
-        out.add("plain", plain, ctx.leaks(plain, item))
         if not is_refusal(plain):
             return
         keep = set(ctx.word_ids(item.question)) | ctx.special_ids()
@@ -600,13 +609,9 @@ class TokenMasks(Attack):
                "ignore_eos (the model forced on past its answer)")
 
     async def run(self, ctx: Context, item: Item, out: Outcome) -> None:
-        out.requests += 1
-        try:
-            plain = await ctx.plain(item)
-        except ApiRefused as exc:
-            out.refused.append(f"plain: {exc}")
+        plain = await plain_answer(ctx, item, out)
+        if plain is None:
             return
-        out.add("plain", plain, ctx.leaks(plain, item))
         for variant, extra in (("min_tokens", {"min_tokens": ctx.max_tokens}),
                                ("ignore_eos", {"ignore_eos": True})):
             text = await ctx.chat_text(out, variant, [user(item.question)], extra_body=extra)
