@@ -86,13 +86,20 @@ def child(kind: str, dirs: list[str]) -> None:
     print(json.dumps({"kind": kind, "before": before, "after": sizes}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_assistant_args(p: argparse.ArgumentParser) -> None:
+    """The world both assistant-memory benchmarks build: ``--tenants`` random LoRAs of
+    rank ``--rank`` over the first ``--assistant-layers`` of a ``--layers``-layer,
+    ``--hidden``-wide random base."""
     p.add_argument("--tenants", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8, help="base decoder layers")
     p.add_argument("--assistant-layers", type=int, default=2, help="K")
     p.add_argument("--rank", type=int, default=16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_assistant_args(p)
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

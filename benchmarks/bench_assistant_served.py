@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._servers import ChildServer, add_engine_args, engine_config, free_port  # noqa: E402
-from benchmarks.bench_assistant_memory import make_assistants  # noqa: E402
+from benchmarks.bench_assistant_memory import add_assistant_args, make_assistants  # noqa: E402
 
 logger = logging.getLogger("bench_assistant_served")
 ADMIN_KEY = "sk-admin-bench-assistant-served"
@@ -107,11 +107,7 @@ def measure(args: argparse.Namespace, root: Path, base: Path, kind: str,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tenants", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8, help="base decoder layers")
-    p.add_argument("--assistant-layers", type=int, default=2, help="K")
-    p.add_argument("--rank", type=int, default=16)
+    add_assistant_args(p)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--start-timeout-s", type=float, default=600.0)
     add_engine_args(p)
