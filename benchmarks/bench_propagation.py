@@ -6,16 +6,23 @@ two registered adapter versions. While ``--clients`` connections per replica kee
 sending chat requests to both, replica A's admin API activates the two versions in
 turn ``--swaps`` times; after each, the benchmark polls replica B's ``/metrics`` (every
 20 ms) until B's routing pointer names the new version. *Propagation* is the time from
-A's activate call returning to B routing to it: the notification (or the next poll),
-B's registry read, and B loading the adapter before it routes.
+the activation (its time in the registry's audit row) to B routing every new request to
+the version: the notification (or the next poll) and B's registry read. B measures it
+itself (``unlearnd_policy_propagation_seconds``); the benchmark takes each swap's value
+from the growth of that histogram's sum, and also reports the lag seen from outside
+(A's activate call returning to B's ``/metrics`` naming the version, which adds a
+``/metrics`` round trip on a busy B). A version B has not served routes at once and
+loads its adapter behind the pointer, so the requests B's clients send meanwhile wait
+for that load: their latency is in the table too.
 
 The pair runs three times in one go, at ``registry_poll_s`` = ``--poll-s`` (default 2,
 the server's default): with ``registry_notify: true`` (the default) swapping between two
 versions (after the first swap B holds both: ``keep_previous_versions: 1`` makes each
 swap a pointer move, what a rollback costs); with notify and a new version every swap
 (each one an adapter load on B, the worst case); and polling alone between two
-versions. Table: propagation p50/p99/max per mode, requests served and failed under the
-load, and the p99 ratio notify / polling.
+versions. Table: propagation p50/p99/max per mode (B's own and from outside), request
+latency on B, requests served and failed under the load, and the p99 ratio notify /
+polling.
 
 Needs a PostgreSQL server whose user may CREATE DATABASE: ``--database-url``, else
 ``UNLEARND_TEST_DATABASE_URL``, else the URL ``scripts/ci_services.sh`` wrote to
@@ -91,15 +98,25 @@ def fresh_database(admin_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def active_version(text: str) -> str | None:
+def active_version(text: str) -> tuple[str | None, float, float]:
+    """B's routing pointer for the tenant, and the count and sum of its own propagation
+    histogram (the sync that moves the pointer observes it without yielding to the event
+    loop, so the /metrics text that names a new version already counts its lag)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    version, count, total = None, 0.0, 0.0
     for family in text_string_to_metric_families(text):
         if family.name == "unlearnd_active_policy_info":
             for s in family.samples:
                 if s.labels.get("tenant") == TENANT and s.value == 1:
-                    return s.labels.get("version")
-    return None
+                    version = s.labels.get("version")
+        elif family.name == "unlearnd_policy_propagation_seconds":
+            for s in family.samples:
+                if s.labels.get("tenant") == TENANT and s.name.endswith("_count"):
+                    count = s.value
+                elif s.labels.get("tenant") == TENANT and s.name.endswith("_sum"):
+                    total = s.value
+    return version, count, total
 
 
 def replica_envs() -> list[dict[str, str]]:
@@ -127,6 +144,7 @@ async def swap_under_load(a: ChildServer, b: ChildServer, versions: list[str],
                           args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     served, failed = 0, []
+    latency: dict[str, list[float]] = {"a": [], "b": []}
 
     async def client(server: ChildServer, i: int) -> None:
         nonlocal served
@@ -134,12 +152,14 @@ async def swap_under_load(a: ChildServer, b: ChildServer, versions: list[str],
                 "Authorization": f"Bearer {TENANT_KEY}"}) as c:
             k = 0
             while not stop.is_set():
+                t = time.perf_counter()
                 try:
                     r = await c.post("/v1/chat/completions", json={
                         "model": "m", "max_tokens": 12, "temperature": 0, "messages": [
                             {"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}]})
                     if r.status_code == 200:
                         served += 1
+                        latency["a" if server is a else "b"].append(time.perf_counter() - t)
                     else:
                         failed.append(f"HTTP {r.status_code}: {r.text[:200]}")
                 except httpx.HTTPError as e:
@@ -148,12 +168,14 @@ async def swap_under_load(a: ChildServer, b: ChildServer, versions: list[str],
 
     workers = [asyncio.create_task(client(s, i)) for i in range(args.clients) for s in (a, b)]
     lags: list[float] = []
+    own: list[float] = []  # per swap, B's own lag: the growth of its histogram's sum
     missed = 0
     try:
         await asyncio.sleep(1.0)
         async with httpx.AsyncClient(base_url=a.base_url, timeout=120, headers={
                 "Authorization": f"Bearer {ADMIN_KEY}"}) as admin, \
                 httpx.AsyncClient(base_url=b.base_url, timeout=30) as metrics:
+            _, seen, total = active_version((await metrics.get("/metrics")).text)
             for k in range(args.swaps):
                 # two versions: alternate (B holds the previous one: a pointer move);
                 # more: each swap is to a version B has never served (an adapter load)
@@ -163,8 +185,12 @@ async def swap_under_load(a: ChildServer, b: ChildServer, versions: list[str],
                 r.raise_for_status()
                 t0 = time.perf_counter()
                 while time.perf_counter() - t0 < args.poll_s + 30:
-                    if active_version((await metrics.get("/metrics")).text) == target:
+                    version, count, now = active_version((await metrics.get("/metrics")).text)
+                    if version == target:
                         lags.append(time.perf_counter() - t0)
+                        if count == seen + 1:
+                            own.append(now - total)
+                        seen, total = count, now
                         break
                     await asyncio.sleep(0.02)
                 else:
@@ -173,8 +199,11 @@ async def swap_under_load(a: ChildServer, b: ChildServer, versions: list[str],
     finally:
         stop.set()
         await asyncio.gather(*workers)
-    return {"lags_s": lags, "missed": missed, "served": served, "failed": len(failed),
-            "failed_samples": failed[:3], "b_propagation": b_histogram(b)}
+    return {"lags_s": lags, "own_lags_s": own, "missed": missed, "served": served,
+            "failed": len(failed), "failed_samples": failed[:3],
+            "b_propagation": b_histogram(b),
+            "latency_p50_s": {k: percentile(v, 50) for k, v in latency.items()},
+            "latency_p99_s": {k: percentile(v, 99) for k, v in latency.items()}}
 
 
 def b_histogram(b: ChildServer) -> dict[str, float]:
@@ -236,9 +265,10 @@ def run_mode(args: argparse.Namespace, base: Path, adapters: list[Path],
         finally:
             b.stop()
             a.stop()
-    lags = out["lags_s"]
+    lags, own = out["lags_s"], out["own_lags_s"]
     out.update(mode=label, p50_s=percentile(lags, 50), p99_s=percentile(lags, 99),
-               max_s=max(lags) if lags else math.nan)
+               max_s=max(lags) if lags else math.nan, own_p50_s=percentile(own, 50),
+               own_p99_s=percentile(own, 99), own_max_s=max(own) if own else math.nan)
     logger.info("%s: p50 %.3f s, p99 %.3f s, %d failed", label, out["p50_s"], out["p99_s"],
                 out["failed"])
     return out
@@ -281,21 +311,28 @@ def main(argv: list[str] | None = None) -> int:
         ChildServer.stop_all()
     print(f"\n## Swap propagation across two replicas ({args.swaps} swaps under load, "
           f"{args.clients} clients per replica, registry_poll_s {args.poll_s})\n")
-    print("| mode | swaps seen | p50 ms | p99 ms | max ms | B's own: mean ms, share <= 1 s | "
-          "requests served | failed |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| mode | swaps seen | B's own p50 / p99 / max ms | seen from outside p50 / p99 / "
+          "max ms | request latency on B p50 / p99 ms | requests served | failed |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        h = r["b_propagation"]
-        print(f"| {r['mode']} | {len(r['lags_s'])}/{args.swaps} | {r['p50_s'] * 1000:.0f} | "
-              f"{r['p99_s'] * 1000:.0f} | {r['max_s'] * 1000:.0f} | "
-              f"{h.get('mean_s', math.nan) * 1000:.0f}, {h.get('share_le_1s', math.nan):.2f} | "
+        own = f"{r['own_p50_s'] * 1000:.0f} / {r['own_p99_s'] * 1000:.0f} / " \
+              f"{r['own_max_s'] * 1000:.0f}"
+        seen = f"{r['p50_s'] * 1000:.0f} / {r['p99_s'] * 1000:.0f} / {r['max_s'] * 1000:.0f}"
+        lat = f"{r['latency_p50_s']['b'] * 1000:.0f} / {r['latency_p99_s']['b'] * 1000:.0f}"
+        print(f"| {r['mode']} | {len(r['lags_s'])}/{args.swaps} | {own} | {seen} | {lat} | "
               f"{r['served']} | {r['failed']} |")
-    print("\n(p50/p99/max: seen through B's /metrics, polled every 20 ms; B's own: its "
-          "propagation histogram, registry activation time to routing, wall clocks)")
-    ratio = rows[0]["p99_s"] / rows[2]["p99_s"]
-    worst = max(rows[0]["p99_s"], rows[1]["p99_s"])
-    print(f"\np99 notify / poll (2 versions): {ratio:.3f}; worst notify p99 {worst:.3f} s "
-          f"(goal <= 1 s: {'met' if worst <= 1.0 else 'NOT met'})")
+    print("\n(B's own: per swap, the growth of B's unlearnd_policy_propagation_seconds sum, "
+          "from the registry's activation time to B routing every new request to the "
+          "version, wall clocks; seen from outside: from A's activate call returning to "
+          "B's /metrics naming the version, polled every 20 ms, so it adds a /metrics round "
+          "trip on a busy B; request latency: B's clients' chat requests, 12 tokens, "
+          "over the whole mode)")
+    ratio = rows[0]["own_p99_s"] / rows[2]["own_p99_s"]
+    worst = max(rows[0]["own_p99_s"], rows[1]["own_p99_s"])
+    seen = max(rows[0]["p99_s"], rows[1]["p99_s"])
+    print(f"\np99 notify / poll (2 versions, B's own): {ratio:.3f}; worst notify p99 "
+          f"{worst:.3f} s by B's own clock, {seen:.3f} s from outside (goal <= 1 s: "
+          f"{'met' if worst <= 1.0 else 'NOT met'} by B's own)")
     for r in rows:
         for e in r["failed_samples"]:
             print(f"  failed ({r['mode']}): {e}")

@@ -142,7 +142,8 @@ class FakeEngine:
     `fail_exc` (default `EngineFailure`) after yielding that many outputs (0: before the
     first). `step_delay_s`: sleep between tokens. `paused`: while True, generation
     waits before each token (set it from any thread). `fail_load`: adapter names whose
-    `load_adapter` raises. `dead_alternatives`: the top alternatives of every token have
+    `load_adapter` raises. `loads_paused`: while True, `load_adapter` waits (set it from
+    any thread). `dead_alternatives`: the top alternatives of every token have
     logprob -inf (what a forced or banned row gives; vLLM prints them as -9999.0).
     `adapters`: what is loaded (name -> AdapterRef), what the frontend resolves
     `model` against.
@@ -166,6 +167,7 @@ class FakeEngine:
         self.paused = False
         self.healthy = True
         self.fail_load: set[str] = set()
+        self.loads_paused = False
         self.dead_alternatives = False
         self.adapters: dict[str, AdapterRef] = {}
         self.requests: list[Any] = []
@@ -258,6 +260,8 @@ class FakeEngine:
         self.aborted.append(request_id)
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
+        while self.loads_paused:
+            await asyncio.sleep(0.005)
         if adapter.name in self.fail_load:
             raise EngineFailure(f"cannot load adapter {adapter.name}")
         self.loaded.append(adapter.name)

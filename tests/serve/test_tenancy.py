@@ -250,7 +250,9 @@ def test_sync_from_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         sp = router.current(ACME)
         assert (await sp.guards.get()).trigger == "Gandalf"
         assert sp.mechanisms == ("adapter", "firewall", "refusal")
+        await router.ready(sp)  # the adapter's load, behind the pointer
         loads = list(engine.loaded)
+        assert loads == ["acme@aaa"]
         await router.sync_from_registry()  # same generation: nothing to do
         assert engine.loaded == loads
         reg.set(ACME, version("acme@bbb", 2))
@@ -309,6 +311,73 @@ def test_sync_records_propagation_of_changes_made_elsewhere() -> None:
     asyncio.run(run())
 
 
+def test_synced_swap_routes_at_once_and_loads_behind_the_pointer() -> None:
+    """A version activated through another replica: this replica's pointer moves at the
+    sync, before the adapter is in its engine (no request admitted after the sync gets
+    the version being replaced); `ready` holds a request until the load is done."""
+    async def run() -> None:
+        router, engine, reg = make_router(keep_previous=1)
+        reg.set(ACME, version("acme@aaa", 1))
+        await router.sync_from_registry()
+        await router.ready(router.current(ACME))
+        assert engine.loaded == ["acme@aaa"]
+        engine.loads_paused = True
+        reg.set(ACME, version("acme@bbb", 2))
+        await router.sync_from_registry()
+        sp = router.acquire(ACME)
+        assert sp.version == "acme@bbb" and engine.loaded == ["acme@aaa"]  # not loaded yet
+        waiter = asyncio.create_task(router.ready(sp))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        engine.loads_paused = False
+        await asyncio.wait_for(waiter, 5)
+        assert engine.loaded == ["acme@aaa", "acme@bbb"]
+        router.release(sp)
+        await router.sync_from_registry()  # same generation, already held: no second load
+        reg.set(ACME, version("acme@bbb", 2))
+        await router.sync_from_registry()
+        await router.ready(router.current(ACME))
+        assert engine.loaded == ["acme@aaa", "acme@bbb"]
+
+    asyncio.run(run())
+
+
+def test_synced_swap_whose_load_fails_gets_503_never_the_old_version() -> None:
+    """The load behind a synced pointer fails: requests already waiting get a 503 that
+    names the version, later ones are refused at admission (`error`), and a rollback
+    made elsewhere onto the kept version serves again with no load."""
+    from unlearnd.serve.errors import APIError
+
+    async def run() -> None:
+        router, engine, reg = make_router(keep_previous=1)
+        reg.set(ACME, version("acme@aaa", 1))
+        await router.sync_from_registry()
+        await router.ready(router.current(ACME))
+        engine.fail_load.add("acme@bbb")
+        engine.loads_paused = True
+        reg.set(ACME, version("acme@bbb", 2))
+        await router.sync_from_registry()
+        sp = router.acquire(ACME)
+        assert sp.version == "acme@bbb"
+        engine.loads_paused = False
+        with pytest.raises(APIError) as e:
+            await router.ready(sp)
+        assert e.value.status == 503 and e.value.code == "policy_unavailable"
+        assert "acme@bbb" in e.value.message and "cannot load adapter" in e.value.message
+        router.release(sp)
+        broken = router.current(ACME)
+        assert broken.version == "acme@bbb" and "cannot be loaded" in broken.error
+        assert router.broken_tenants() == ["acme"]
+        reg.set(ACME, version("acme@aaa", 1))  # rolled back through another replica
+        await router.sync_from_registry()
+        fixed = router.current(ACME)
+        assert fixed.version == "acme@aaa" and fixed.error is None
+        await router.ready(fixed)
+        assert engine.loaded == ["acme@aaa"]  # kept: a pointer move, nothing reloaded
+
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------- requests across a swap
 
 
@@ -327,6 +396,45 @@ def _two_versions(app) -> tuple[str, str]:
 
 def _active(app) -> float:
     return app.metrics.active_requests.labels("acme")._value.get()
+
+
+def test_request_during_a_synced_load_waits_and_gets_the_new_version(app) -> None:
+    """Through the app: a swap made in the shared registry (as another replica makes it)
+    and read by this replica's sync while its engine is still loading the adapter. A
+    request that arrives then is held at the edge, not sent to the engine, and answered
+    by the new version once the load is done; when the load fails it gets a 503 that
+    names the version (counted as an engine error), never the old version's answer."""
+    v1, v2 = _two_versions(app)
+    acme = app.auth("acme")
+    v3 = _register(app, "acme", tiny_world()["a1"], activate=False)
+    st = app.state
+
+    async def scenario(target: str) -> tuple:
+        app.engine.loads_paused = True
+        st.registry.activate("acme", target, actor="replica-b")
+        await st.router.sync_from_registry()
+        calls = len(app.engine.calls)
+        task = asyncio.create_task(asgi_request(app.client.app, "POST", CHAT,
+                                                body={"messages": HELLO}, headers=acme))
+        await asyncio.sleep(0.1)
+        held = (task.done(), len(app.engine.calls) - calls, st.router.current(
+            st.registry.get_tenant("acme")).version)
+        app.engine.loads_paused = False
+        return held, await task
+
+    held, r = app.client.portal.call(scenario, v2)
+    assert held == (False, 0, v2)  # routed to v2 at once, held until its adapter loads
+    assert r.status == 200 and r.headers[POLICY_HEADER] == v2
+    assert app.engine.calls[-1].adapter.name == v2 and v2 in app.engine.loaded
+    app.engine.fail_load.add(v3)
+    held, r = app.client.portal.call(scenario, v3)
+    assert held == (False, 0, v3)
+    err = r.json()["error"]
+    assert r.status == 503 and err["code"] == "policy_unavailable" and v3 in err["message"]
+    assert app.engine.calls[-1].adapter.name == v2  # nothing reached the engine for v3
+    assert app.metrics.requests.labels("acme", "chat", "engine_error")._value.get() == 1
+    after = app.client.post(CHAT, json={"messages": HELLO}, headers=acme)
+    assert after.status_code == 503 and "cannot be served" in after.json()["error"]["message"]
 
 
 @pytest.mark.usefixtures("fake_guards")

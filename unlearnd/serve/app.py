@@ -490,6 +490,12 @@ class _Generation:
                      outer_receive: edge.Receive, send: edge.Send) -> None:
         st, tenant, kind = self.st, self.tenant, self.kind
         assert tenant is not None
+        try:
+            await st.router.ready(sp)  # a swap synced from elsewhere: its adapter's load
+        except APIError as e:
+            self._count("engine_error")
+            await edge.send_json(send, e.status, e.body())
+            return
         guard = None
         conv: list[dict] = []
         try:

@@ -49,7 +49,9 @@ class UnlearndMetrics:
         self.propagation = Histogram(
             "unlearnd_policy_propagation_seconds",
             "Time from a version's activation in the shared registry (through any replica) "
-            "to this replica serving it; wall clocks, so replicas' clocks must agree.",
+            "to this replica routing every new request to it (a request that arrives "
+            "while the version's adapter is still loading here waits for the load); wall "
+            "clocks, so replicas' clocks must agree.",
             ["tenant"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.adapter_rejections = Counter(
             "unlearnd_adapter_rejections_total", "Artifacts rejected at registration.",

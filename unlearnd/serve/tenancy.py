@@ -2,8 +2,12 @@
 
 A request takes an immutable `ServingPolicy` snapshot when it starts and holds a lease
 on it until it ends, so a swap never changes the adapter or guards under a running
-request. Activation loads the new adapter into the engine *before* the pointer moves;
-the old adapter is released once its last lease ends (or after `drain_timeout_s`).
+request. An operator's activation loads the new adapter into the engine *before* the
+pointer moves (the activate call checks the store copy). A swap made through another
+replica moves this replica's pointer as soon as the registry says so and loads the
+adapter behind it: requests admitted meanwhile get the new version and wait for that
+load before they reach the engine, so none is served by the version being replaced.
+The old adapter is released once its last lease ends (or after `drain_timeout_s`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearnd.serve.engine import IDENTITY_LORA_ID, IDENTITY_LORA_NAME, AdapterRef, EngineClient
+from unlearnd.serve.errors import APIError
 from unlearnd.serve.metrics import UnlearndMetrics
 from unlearnd.serve.registry import PolicyVersion, Registry, RegistryError, Tenant
 
@@ -38,6 +43,9 @@ class ServingPolicy:
     guards: GuardRef | None = None  # this version's guard pipeline, loaded on demand
     mechanisms: tuple[str, ...] = ()
     error: str | None = None      # set: the version cannot be served; requests get 503
+    # set: the adapter's load into the engine, still running or done (a synced swap);
+    # `TenantRouter.ready` waits for it before a request reaches the engine
+    loading: asyncio.Future | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -139,7 +147,7 @@ class TenantRouter:
         self._active: dict[str, ServingPolicy] = {}
         self._leases: dict[tuple[str, str | None], _Lease] = defaultdict(_Lease)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._release_tasks: set[asyncio.Task] = set()
+        self._release_tasks: set[asyncio.Future] = set()
         self._keys: dict[str, str] = {}          # sha256(key) -> tenant (last good state)
         self._tenants: dict[str, Tenant] = {}
         self.generation_seen = -1
@@ -206,14 +214,54 @@ class TenantRouter:
                                              fresh=fresh)
             mechanisms = tuple(sorted(set(mechanisms) | set(loaded.mechanisms)))
             guards = GuardRef(version.policy_dir, self.guard_cache)
-        # A sync onto a version this replica still holds (a rollback made elsewhere) is
-        # a pointer move; an operator's activation here loads it again, so a store copy
-        # that went missing is found now, not by a later request.
-        if adapter is not self.identity and (fresh or not self._holds(tenant.name,
-                                                                      version.name)):
-            await self.engine.load_adapter(adapter)
+        # An operator's activation here loads the adapter (again) before it routes, so a
+        # store copy that went missing is found now, by the activate call. A sync onto a
+        # version this replica still holds (a rollback made elsewhere) is a pointer move;
+        # onto one it does not hold, the pointer moves now and the load runs behind it
+        # (another replica already loaded it from the same store): requests wait for it
+        # in `ready`, and a load that fails turns the tenant's requests into 503s.
+        loading = None
+        if adapter is not self.identity:
+            if fresh:
+                await self.engine.load_adapter(adapter)
+            elif not self._holds(tenant.name, version.name):
+                loading = self._load_behind(tenant.name, version.name, adapter)
         return ServingPolicy(tenant.name, tenant.cache_salt, version.name, adapter,
-                             version.policy_dir, guards, mechanisms)
+                             version.policy_dir, guards, mechanisms, loading=loading)
+
+    def _load_behind(self, tenant: str, version: str, adapter: AdapterRef) -> asyncio.Future:
+        task = asyncio.ensure_future(self.engine.load_adapter(adapter))
+        self._release_tasks.add(task)
+
+        def done(t: asyncio.Future) -> None:
+            self._release_tasks.discard(t)
+            if t.cancelled() or (e := t.exception()) is None:
+                return
+            logger.error("tenant %s: adapter of version %s cannot be loaded (%s); its "
+                         "requests get 503 until it is fixed or swapped", tenant, version, e)
+            cur = self._active.get(tenant)
+            if cur is not None and cur.loading is t:
+                self._active[tenant] = ServingPolicy(
+                    tenant, cur.cache_salt, version, self.identity,
+                    error=f"the active policy version cannot be loaded: {e}")
+            self._previous[tenant] = [sp for sp in self._previous.get(tenant, ())
+                                      if sp.loading is not t]
+
+        task.add_done_callback(done)
+        return task
+
+    @staticmethod
+    async def ready(sp: ServingPolicy) -> None:
+        """Return once `sp`'s adapter is in the engine (at once, unless a synced swap's
+        load is still running); APIError 503 when that load failed."""
+        if sp.loading is None:
+            return
+        try:
+            await asyncio.shield(sp.loading)
+        except Exception as e:  # noqa: BLE001 - the load's failure, named to the client
+            raise APIError(503, f"this tenant's policy version {sp.version} cannot be "
+                           f"served right now: its adapter did not load ({e}); the request "
+                           "was not served", code="policy_unavailable") from e
 
     async def install(self, tenant: Tenant, version: PolicyVersion | None,
                       kind: str = "activate", built: ServingPolicy | None = None
@@ -282,8 +330,9 @@ class TenantRouter:
 
         The registry is read in a worker thread, so a slow database never stalls the
         requests this process is serving. A tenant whose version changed is installed
-        (adapter loaded first) and `unlearnd_policy_propagation_seconds` records how
-        long after the registry's pointer moved this replica started serving it.
+        (a version this replica does not hold routes at once, its adapter loading
+        behind the pointer: see `build`) and `unlearnd_policy_propagation_seconds`
+        records how long after the registry's pointer moved this replica routed to it.
         """
         view = await asyncio.get_running_loop().run_in_executor(
             self._reader, self.registry.snapshot, self.generation_seen)
