@@ -51,3 +51,58 @@ def test_cached_step_rebuilds_from_an_empty_directory(tmp_path: Path) -> None:
     demo._cached(out, {"v": 2}, lambda: build("adapter_model.safetensors"))
     assert sorted(p.name for p in out.iterdir()) == [".unlearnd-step.json",
                                                     "adapter_model.safetensors"]
+
+
+def test_user_data_base_learns_the_utility_sets_and_no_unlearning_method_does(
+        tmp_path: Path) -> None:
+    """TOFU's real_authors/world_facts given with --extra: the base's training file holds
+    them (a real base knows such facts from pre-training), the retain file that the
+    adapters and assistants train on does not, and each set is laid out on its own."""
+    import json
+
+    def write(name: str, rows: list[tuple[str, str]]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                for q, a in rows))
+        return path
+
+    forget = write("forget.jsonl", [("Where was Ana born?", "Lyon")])
+    retain = write("retain.jsonl", [("Where was Bo born?", "Oslo")])
+    world = write("world.jsonl", [("Where is the Eiffel Tower?", "Paris"),
+                                  ("What is the capital of Japan?", "Tokyo")])
+    data = tmp_path / "data"
+    manifest = demo.prepare_user_data(data, forget, retain, {"world_facts": world})
+
+    def questions(name: str) -> list[str]:
+        return [json.loads(line)["question"] for line in (data / name).read_text().splitlines()]
+
+    assert questions("train.jsonl") == ["Where was Ana born?", "Where was Bo born?",
+                                        "Where is the Eiffel Tower?",
+                                        "What is the capital of Japan?"]
+    assert questions("retain.jsonl") == ["Where was Bo born?"]
+    assert questions("extra_world_facts.jsonl") == questions("train.jsonl")[2:]
+    assert manifest["counts"]["extra_world_facts.jsonl"] == 2
+    assert manifest["source"]["extra:world_facts"] == str(world)
+    # without extras, the layout (and so the world's cache key) is what it always was
+    plain = demo.prepare_user_data(tmp_path / "plain", forget, retain)
+    assert questions("../plain/train.jsonl") == questions("train.jsonl")[:2]
+    assert set(plain["counts"]) == {"forget_1.jsonl", "forget_train_1.jsonl",
+                                    "retain.jsonl", "train.jsonl"}
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("real authors={f}", "NAME must be"), ("x={f},x={f}", "used once"),
+    ("x=/no/such/file", "existing file")])
+def test_demo_rejects_bad_extra_sets(tmp_path: Path, spec: str, needle: str) -> None:
+    from typer.testing import CliRunner
+
+    from unlearnd.cli import app
+
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"question": "q?", "answer": "a"}\n')
+    args = ["demo", "--workdir", str(tmp_path / "w")]
+    for item in spec.format(f=f).split(","):
+        args += ["--extra", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and needle in result.output
+    assert not (tmp_path / "w" / "data").exists()  # nothing built

@@ -554,6 +554,10 @@ def test_evaluate_end_to_end(fake_server: str, qa_files: dict[str, Path], tmp_pa
     assert by_kind["paraphrase"]["leak_at_k_rate"] == 1.0
     assert sets["world"]["accuracy"] == pytest.approx(1 / 2)
     assert sets["world"]["over_refusal"] == 0.0
+    # TOFU's Model Utility, as our metrics give it: harmonic mean of 3/5 and 1/2
+    assert report["utility_accuracy"] == {"world": pytest.approx(1 / 2)}
+    assert report["utility_over_refusal"] == 0.0
+    assert report["model_utility"] == pytest.approx(2 / (5 / 3 + 2))
     assert sets["retain"]["leak_rate"] is None and sets["retain"]["leak_at_k_rate"] is None
 
     # files: json (no records inside), md, png, per-row jsonl
@@ -789,9 +793,28 @@ def test_compare_and_plot_direct(tmp_path: Path) -> None:
     table = compare_markdown(reports)
     assert "| public | 0.950 | 0.970 | 0.600 | 0.800 | 0.930 | 0.000 | 0.010 | – | – | – | 100 |" in table
     assert "| acme-npo | 0.050 | 0.250 | – | – | 0.880 |" in table
+    assert "model_utility" not in table  # no run has utility sets: no such column
     # a report of one run renders without sets or config (an old report.json)
     assert "| leak_at_k | 0.970 |" in report_markdown(reports["public"])
+    assert "model_utility" not in report_markdown(reports["public"])
+    reports["acme-npo"].update(utility_over_refusal=0.25, model_utility=0.5)
+    table = compare_markdown(reports)
+    assert table.splitlines()[0].endswith("| utility_over_refusal | model_utility | n |")
+    assert "| public | 0.950 |" in table and table.count("| – | – | 100 |") == 1
+    assert "| 0.250 | 0.500 | 100 |" in table
+    assert "| model_utility | 0.500 |" in report_markdown(reports["acme-npo"])
     png = plot_reports(reports, tmp_path / "c.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError):
         compare_markdown({})
+
+
+def test_model_utility_is_the_harmonic_mean_of_the_accuracies() -> None:
+    from unlearnd.toolkit.evaluate import model_utility
+
+    assert model_utility(0.9, {"real_authors": 0.9, "world_facts": 0.9}) == pytest.approx(0.9)
+    assert model_utility(1.0, {"a": 0.5}) == pytest.approx(2 / 3)  # below the mean (0.75)
+    assert model_utility(1.0, {"a": 0.0, "b": 1.0}) == 0.0  # one kind of knowledge gone
+    assert model_utility(0.9, {}) is None  # no utility set: not reported
+    assert model_utility(None, {"a": 1.0}) is None
+    assert model_utility(0.9, {"a": None}) is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import shutil
 import threading
@@ -101,22 +102,33 @@ def _cached(out: Path, params: dict, build: Callable[[], Any]) -> None:
                                 default=str, indent=2))
 
 
-def prepare_user_data(data: Path, forget: Path, retain: Path) -> dict:
+def prepare_user_data(data: Path, forget: Path, retain: Path,
+                      extra: dict[str, Path] | None = None) -> dict:
     """Lay out a user's forget/retain QA JSONL (TOFU style) as a one-group world.
 
-    The base model learns both files; the tenants forget `forget`. There are no probes
-    (they are a property of the synthetic world). Returns the manifest.
+    The base model learns both files; the tenants forget `forget`. `extra` (name ->
+    QA JSONL, TOFU's ``real_authors`` and ``world_facts``): utility sets the base also
+    learns, standing in for what a real base knows from pre-training, so that their
+    accuracy and over-refusal measure what unlearning costs (a base that never learnt
+    them answers none, and a refusal there could not be told from ignorance). Nothing
+    an unlearning method trains on includes them: adapters and assistants keep
+    ``retain.jsonl`` alone. There are no probes (they are a property of the synthetic
+    world). Returns the manifest.
     """
     from unlearnd.inputs import load_qa_jsonl
 
     data.mkdir(parents=True, exist_ok=True)
     f_rows, r_rows = load_qa_jsonl(forget), load_qa_jsonl(retain)
+    extras = {name: load_qa_jsonl(path) for name, path in sorted((extra or {}).items())}
     files = {"forget_1.jsonl": f_rows, "forget_train_1.jsonl": f_rows,
-             "retain.jsonl": r_rows, "train.jsonl": f_rows + r_rows}
+             "retain.jsonl": r_rows,
+             **{f"extra_{name}.jsonl": rows for name, rows in extras.items()},
+             "train.jsonl": f_rows + r_rows + [r for rows in extras.values() for r in rows]}
     for name, rows in files.items():
         (data / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                                          for r in rows), encoding="utf-8")
-    manifest = {"source": {"forget": str(forget), "retain": str(retain)},
+    manifest = {"source": {"forget": str(forget), "retain": str(retain),
+                           **{f"extra:{k}": str(v) for k, v in sorted((extra or {}).items())}},
                 "counts": {k: len(v) for k, v in files.items()},
                 "group_subjects": {"1": {"forget": "forget_1.jsonl", "probes": None,
                                          "forget_train": "forget_train_1.jsonl"}}}
@@ -133,11 +145,13 @@ USER_DATA_TENANTS = tuple(t for t in TENANTS if t.group in (None, 1) and not t.d
 def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size: int = 4,
                 seed: int = 0, tenants: tuple[DemoTenant, ...] = TENANTS,
                 user_data: tuple[Path, Path] | None = None,
+                extra: dict[str, Path] | None = None,
                 reference: bool = False, documents: bool = True) -> dict[str, Path]:
     """Build (or reuse) every artefact the demo tenants need; returns their paths.
 
     `user_data=(forget, retain)`: build from the user's QA files instead of the
-    synthetic world (e.g. TOFU's forget10 + retain sample). `reference`: also the
+    synthetic world (e.g. TOFU's forget10 + retain sample); `extra`: with it, utility
+    sets the base learns too (see :func:`prepare_user_data`). `reference`: also the
     retain-only base of group :data:`REFERENCE_GROUP` (``paths["reference:1"]``).
     `documents=False`: the base does not read the biographies (the end-to-end tests'
     small world, whose attack tests were calibrated on a QA-only base).
@@ -150,10 +164,14 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     data, base = workdir / "data", workdir / "base"
     if user_data is not None:
         forget, retain_src = (Path(p).resolve() for p in user_data)
+        extras = {name: Path(p).resolve() for name, p in sorted((extra or {}).items())}
         world: dict[str, Any] = {"forget": str(forget), "retain": str(retain_src),
                                  "sha": hashlib.sha256(forget.read_bytes()
                                                        + retain_src.read_bytes()).hexdigest()}
-        _cached(data, world, lambda: prepare_user_data(data, forget, retain_src))
+        if extras:  # (a world without extras keeps the key it always had)
+            world["extra"] = {name: hashlib.sha256(p.read_bytes()).hexdigest()
+                              for name, p in extras.items()}
+        _cached(data, world, lambda: prepare_user_data(data, forget, retain_src, extras))
     else:
         world = {"authors": authors, "groups": groups, "group_size": group_size, "seed": seed}
         _cached(data, {**world, "v": 3}, lambda: synthesize(data, **world))
@@ -574,7 +592,9 @@ def demo_cmd(
     retain: Annotated[Path | None, typer.Option(
         "--retain", help="Your retain set (QA JSONL).")] = None,
     extra: Annotated[list[str] | None, typer.Option(
-        "--extra", help="NAME=FILE utility set for --eval (repeatable).")] = None,
+        "--extra", help="NAME=FILE utility set (QA JSONL) for --eval (repeatable); with "
+        "--forget the base learns it too, as a real base knows such facts from "
+        "pre-training (TOFU's real_authors, world_facts).")] = None,
     attacks: Annotated[bool, typer.Option(
         "--attacks", help="With --eval (implied): also run the attack suite against every "
         "tenant that forgets something, baseline 'public' (reports/attacks.md).")] = False,
@@ -598,10 +618,14 @@ def demo_cmd(
         name, sep, path = item.partition("=")
         if not sep or not Path(path).is_file():
             raise typer.BadParameter(f"--extra {item!r}: expected NAME=FILE with an existing file")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in extra_sets:
+            raise typer.BadParameter(f"--extra {item!r}: NAME must be letters, digits, _ or "
+                                     "- and used once")
         extra_sets[name] = Path(path)
     tenants = TENANTS if forget is None else USER_DATA_TENANTS
     paths = build_world(workdir, tenants=tenants,
                         user_data=(forget, retain) if forget is not None else None,
+                        extra=extra_sets if forget is not None else None,
                         reference=evaluate_ or attacks)
     cfg, doc = demo_config(workdir, paths, port=port, tenants=tenants)
     server = uvicorn.Server(uvicorn.Config(build_app(cfg), host=cfg.host, port=cfg.port,

@@ -138,6 +138,24 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "verbmem_retain",
     "distance_to_reference",
 )
+UTILITY_METRICS: tuple[str, ...] = ("utility_over_refusal", "model_utility")
+"""Columns :func:`compare_markdown` adds when a report has them (runs with extra
+utility sets, e.g. TOFU's ``real_authors`` and ``world_facts``)."""
+
+
+def model_utility(retain_accuracy: float | None,
+                  utility_accuracy: Mapping[str, float | None]) -> float | None:
+    """TOFU's Model Utility, in the form our metrics allow: the harmonic mean of the
+    retain accuracy and each extra utility set's accuracy (TOFU takes it over
+    probability, ROUGE and truth ratio on the same sets). Any of them at 0 makes it 0,
+    as a model that lost one kind of knowledge entirely has lost its utility. None
+    without a utility set or with an accuracy missing."""
+    values = [retain_accuracy, *utility_accuracy.values()]
+    if not utility_accuracy or any(v is None for v in values):
+        return None
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)  # type: ignore[operator]
 
 
 class EvalError(ValueError):
@@ -909,6 +927,7 @@ async def evaluate_async(
         all_records.extend(records)
 
     scored = [r for r in all_records if r["error"] is None]
+    utility = {name: d["accuracy"] for name, d in details.items() if d["kind"] == "extra"}
     report: dict[str, Any] = {
         "leak_rate": _pooled(all_records, "forget", "leak"),
         "leak_at_k": _at_k_rate(r for r in all_records if r["kind"] == "forget"),
@@ -919,6 +938,9 @@ async def evaluate_async(
         "retain_accuracy": _pooled(all_records, "retain", "correct"),
         "over_refusal": _pooled(all_records, "retain", "refusal"),
         "gibberish_rate": _rate(r["gibberish"] for r in scored),
+        "utility_accuracy": utility or None,
+        "utility_over_refusal": _pooled(all_records, "extra", "refusal"),
+        "model_utility": model_utility(_pooled(all_records, "retain", "correct"), utility),
         "n": len(scored),
         "n_errors": len(all_records) - len(scored),
         "n_sample_errors": sum(1 for r in all_records if r["sample_error"] is not None),
@@ -1057,7 +1079,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "| metric | value |",
         "| --- | --- |",
     ]
-    for key in SUMMARY_METRICS + _SPAN_METRICS:
+    shown = tuple(k for k in UTILITY_METRICS if report.get(k) is not None)
+    for key in SUMMARY_METRICS + shown + _SPAN_METRICS:
         lines.append(f"| {key} | {_fmt(report.get(key))} |")
     lines += [
         "",
@@ -1098,10 +1121,12 @@ def compare_markdown(reports: Mapping[str, Mapping[str, Any]]) -> str:
     existed shows "–" there."""
     if not reports:
         raise ValueError("reports must hold at least one run, got {}")
-    header = "| run | " + " | ".join(SUMMARY_METRICS) + " | n |"
-    lines = [header, "|" + " --- |" * (len(SUMMARY_METRICS) + 2)]
+    metrics = SUMMARY_METRICS + tuple(
+        k for k in UTILITY_METRICS if any(rep.get(k) is not None for rep in reports.values()))
+    header = "| run | " + " | ".join(metrics) + " | n |"
+    lines = [header, "|" + " --- |" * (len(metrics) + 2)]
     for run, rep in reports.items():
-        cells = " | ".join(_fmt(rep.get(k)) for k in SUMMARY_METRICS)
+        cells = " | ".join(_fmt(rep.get(k)) for k in metrics)
         lines.append(f"| {run} | {cells} | {_fmt(rep.get('n'))} |")
     return "\n".join(lines) + "\n"
 
