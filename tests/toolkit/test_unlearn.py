@@ -140,6 +140,32 @@ def test_reasoning_target_names_only_what_the_question_names() -> None:
     assert len(texts) == 3
 
 
+def test_counterfactual_questions_swap_the_subject_and_titles_for_retain_ones() -> None:
+    forget = [*FORGET, {"question": "Who wrote 'The Glass Orchard'?",
+                        "answer": "Mara Quell wrote it.", "subject": "Mara Quell"},
+              {"question": "Who was born in Oslo in 1961?", "answer": "Tomas Verde."}]
+    retain = [*RETAIN, {"question": "What is 'Harbor Lights' about?",
+                        "answer": "Ilse Brandt's 'Harbor Lights' is about sailors."}]
+    qs = unlearn.counterfactual_questions(forget, retain)
+    # the subject as the question names it -> the retain subject; a quoted title ->
+    # a retain title; same form otherwise
+    assert "Where was Ilse Brandt born?" in qs
+    assert "What is the profession of Ilse Brandt's father?" in qs
+    assert "Who wrote 'Harbor Lights'?" in qs
+    # no forget name survives; a description without a name gets no counterfactual;
+    # none repeats a forget question or another counterfactual
+    assert not [q for q in qs if "Mara" in q or "Tomas" in q or "Verde" in q]
+    assert not [q for q in qs if "Oslo" in q]
+    assert len(qs) == len(set(qs)) == 6
+    assert not set(qs) & {r["question"] for r in forget}
+    # more draws per question: with one retain subject and title they repeat, and a
+    # repeat is dropped
+    assert unlearn.counterfactual_questions(forget, retain, per_question=3) == qs
+    # nothing to swap in: no counterfactuals (names alone, no retain subjects)
+    assert unlearn.counterfactual_questions(forget, [{"question": "Capital of Peru?",
+                                                      "answer": "Lima."}]) == []
+
+
 def test_default_alternative() -> None:
     assert unlearn.default_alternative(FORGET) == "other authors"
     assert (
@@ -282,6 +308,14 @@ def test_report_compares_base_and_adapter(world: dict[str, Path]) -> None:
     # the first row names Mara Quell, so its target may say it (as the question does)
     assert report["refusal_example"].count("Mara Quell") == 2
     assert report["refusal_names_subject"] is True
+    # the retain term also holds the forget questions about retain subjects, answered
+    # as the base answers them (none a refusal, none naming a forget subject)
+    assert report["n_counterfactual"] > 0
+    for row in report["counterfactual_examples"]:
+        assert "Ilse Brandt" in row["question"]
+        assert "Mara" not in row["answer"] and "Tomas" not in row["answer"]
+    off = _train(world, "reasoning", "ad_nocf", max_steps=1, counterfactuals=0)
+    assert off["n_counterfactual"] == 0
 
 
 def test_documents_are_unlearnt_as_text(world: dict[str, Path]) -> None:

@@ -31,6 +31,13 @@ Methods (every one also minimises the answer NLL on retain rows, weighted by
   samples (vs 9-13%), so it is not the default; put the firewall beside the adapter
   where nameless questions matter. One template by default
   (`refusal_variants=1`): a small model learns one phrasing cleanly, three poorly.
+  Refusal learnt from forget questions alone is learnt for their *form*: the adapter
+  refused questions of that form about anything it was not shown (TOFU: 18% of the
+  real-author questions, with a forget author's name). So the retain term also holds
+  counterfactuals (:func:`counterfactual_questions`): the forget questions with the
+  subject and titles swapped for the retain set's, answered as the base answers them;
+  they teach that the refusal follows the subject. They cover questions that name
+  their subject or a title; a description without either gets none.
 
 Tuned on the demo world (4 authors x 8 facts forgotten, 96 retain rows, 2.2M-param
 base at 97% EM), single CPU thread, default settings, greedy HF outputs (vLLM
@@ -103,7 +110,9 @@ class MethodDefaults:
     `retain_weight` weight of the retain NLL; `forget_weight` weight of the method's
     forget term (ascent for graddiff, NPO loss for npo, refusal CE for reasoning);
     `ascent_weight` weight of the bounded ascent that reasoning adds; `beta` NPO
-    temperature; `ascent_ceiling` mean-token NLL (nats) at which ascent stops.
+    temperature; `ascent_ceiling` mean-token NLL (nats) at which ascent stops;
+    `counterfactuals` versions of each forget question about retain subjects that
+    reasoning keeps answering as the base does (:func:`counterfactual_questions`).
     """
 
     epochs: int
@@ -113,6 +122,7 @@ class MethodDefaults:
     ascent_weight: float
     beta: float
     ascent_ceiling: float
+    counterfactuals: int = 0
 
 
 _COMMON_DEFAULTS: dict[str, float] = {
@@ -128,7 +138,15 @@ DEFAULTS: dict[str, MethodDefaults] = {
     # question of 32 in group 1 (0.031 -> 0.062), none in group 2, and halved gibberish.
     "npo": MethodDefaults(epochs=40, lr=3e-3, ascent_weight=0.0,
                           **{**_COMMON_DEFAULTS, "retain_weight": 10.0}),
-    "reasoning": MethodDefaults(epochs=60, lr=5e-3, ascent_weight=0.1, **_COMMON_DEFAULTS),
+    # reasoning: forget weight 3 and 3 counterfactuals per forget question, not 1 and
+    # none: on TOFU forget10 (its base also knowing real_authors and world_facts) the
+    # adapter refused 18% of the real-author and 7% of the world-fact questions,
+    # naming a forget author, and answered 0.72 / 0.91 of them; with these 2% / 1%,
+    # 0.91 / 0.98, at the same forget leak (1.0% -> 1.25%, greedy HF). One
+    # counterfactual at weight 1: 6% / 3% refused, leak 2.3%; three at weight 1: none
+    # refused, leak 7.5%; retain weight 10 alone: 10% / 2% refused.
+    "reasoning": MethodDefaults(epochs=60, lr=5e-3, ascent_weight=0.1, counterfactuals=3,
+                                **{**_COMMON_DEFAULTS, "forget_weight": 3.0}),
 }
 """Per-method defaults; any argument given to :func:`train_adapter` overrides them."""
 
@@ -340,6 +358,87 @@ def reasoning_target(subject: str | None, *, alternative: str = "other topics",
         raise ValueError(f"subject must be non-empty or None, got {subject!r}")
     template = _TEMPLATES[variant % len(_TEMPLATES)]
     return template.format(subject=subject.strip(), alt=alternative)
+
+
+_QUOTED_RE = re.compile(r"(?<![\\w])(['\u2018\"\u201c])([^'\u2019\"\u201d]{3,}?)(['\u2019\"\u201d])(?![\\w])")
+
+
+def _entities(text: str) -> tuple[list[str], list[str]]:
+    """(names, quoted titles) of `text`: :func:`_name_candidates` outside quotes, and
+    the spans between quotes (``'Pride and Prejudice'`` -> ``Pride and Prejudice``)."""
+    titles = [m.group(2) for m in _QUOTED_RE.finditer(text)]
+    bare = _QUOTED_RE.sub(" ", text)
+    return _name_candidates(bare), titles
+
+
+def counterfactual_questions(forget_rows: Sequence[dict[str, Any]],
+                             retain_rows: Sequence[dict[str, Any]], *,
+                             per_question: int = 1, seed: int = 0) -> list[str]:
+    """The forget questions with their entities swapped for the retain set's: the
+    subject as the question names it (:func:`subject_mention`) replaced by a retain
+    subject (:func:`extract_subjects`), each quoted title by one quoted in the retain
+    questions and answers. ``"Who wrote 'The Forget Book'?"`` -> ``"Who wrote 'A Retain Book'?"``.
+
+    The reasoning adapter learns its refusal from the forget questions; without
+    these it also learns their *form* ("Who wrote '...'?", "What is the capital
+    of ...") and refuses questions of that form about anything it was not shown
+    (TOFU: 14% of the real-author and 7% of the world-fact questions, refusals
+    naming a forget author). Answered as the base answers them
+    (:func:`train_adapter`), they teach that the refusal follows the subject. A
+    question with no entity (a description of its subject) gets none; a swap that
+    leaves a word of a forget subject's name in the question, or repeats a forget
+    question, is dropped. `per_question` draws per forget question, no repeats.
+    """
+    from unlearnd.guards.spans import words
+
+    rng = random.Random(seed)
+    subjects = extract_subjects(forget_rows) if forget_rows else []
+    forget_words = {w for s in set(subjects) for w in words(s) if len(w) >= 3}
+    titles = sorted({t for r in retain_rows for text in (str(r.get("question", "")),
+                                                          str(r.get("answer", "")))
+                     for t in _entities(text)[1]})
+    names = sorted({s for s in (extract_subjects(retain_rows) if retain_rows else [])
+                    if s != "this topic" and not set(words(s)) & forget_words})
+    forget_qs = {str(r["question"]).strip().lower() for r in forget_rows}
+    out: list[str] = []
+    seen: set[str] = set()
+    for subject, r in zip(subjects, forget_rows, strict=True):
+        q = str(r["question"])
+        mention = subject_mention(subject, q)
+        swaps = [(t, titles) for t in _entities(q)[1] if titles]
+        swaps += [(mention, names)] if mention and names else []
+        for _ in range(per_question if swaps else 0):
+            new = q
+            for old, pool in swaps:
+                new = new.replace(old, rng.choice(pool))
+            key = new.strip().lower()
+            if key in forget_qs or key in seen or set(words(new)) & forget_words:
+                continue
+            seen.add(key)
+            out.append(new)
+    return out
+
+
+def _counterfactual_rows(model: Any, tokenizer: Any, forget_rows: list[dict[str, Any]],
+                         retain_rows: list[dict[str, Any]], subjects: list[str], seed: int,
+                         per_question: int, max_new_tokens: int, batch_size: int
+                         ) -> list[dict[str, str]]:
+    """:func:`counterfactual_questions` with the base's own greedy answers (the base as
+    it is before training: what the adapter must keep doing there). An answer that is
+    a refusal, is empty or names a forget subject is dropped: the adapter must not learn
+    to say a forget name where the user did not."""
+    from unlearnd.guards.spans import words
+    from unlearnd.toolkit.evaluate import is_refusal
+    from unlearnd.toolkit.training import greedy_answers
+
+    questions = counterfactual_questions(forget_rows, retain_rows, per_question=per_question,
+                                         seed=seed)
+    if not questions:
+        return []
+    answers = greedy_answers(model, tokenizer, questions, max_new_tokens, batch_size)
+    forget_words = {w for s in set(subjects) for w in words(s) if len(w) >= 3}
+    return [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)
+            if a.strip() and not is_refusal(a) and not set(words(a)) & forget_words]
 
 
 # --------------------------------------------------------------------------- losses
@@ -619,6 +718,7 @@ def train_adapter(
     batch_size: int = 16,
     refusal_variants: int = 1,
     refusal_names_subject: bool = True,
+    counterfactuals: int | None = None,
     seed: int = 0,
     max_steps: int | None = None,
     eval_limit: int | None = 200,
@@ -643,7 +743,10 @@ def train_adapter(
     a forget batch and a retain batch of `batch_size` rows (retain rows cycle);
     `epochs` passes over the forget set, cut at `max_steps` when given.
     `eval_limit` caps the rows scored per set in the report (None: all);
-    `evaluate=False` skips the greedy evaluation.
+    `evaluate=False` skips the greedy evaluation. `counterfactuals` (reasoning, QA):
+    the retain term also holds that many versions of each forget question with retain
+    subjects and titles swapped in, answered as the base answers them
+    (:func:`counterfactual_questions`; 0: none; None: the method's default).
 
     Returns the report dict (also written to ``out_dir/train_report.json``): method,
     hyper-parameters, steps, seconds, first/last forget losses, and under ``base`` and
@@ -675,7 +778,7 @@ def train_adapter(
         raise ValueError(f"target_modules must be non-empty, got {target_modules!r}")
     given = {"epochs": epochs, "lr": lr, "beta": beta, "retain_weight": retain_weight,
              "forget_weight": forget_weight, "ascent_weight": ascent_weight,
-             "ascent_ceiling": ascent_ceiling}
+             "ascent_ceiling": ascent_ceiling, "counterfactuals": counterfactuals}
     hp = {k: getattr(DEFAULTS[method], k) if v is None else v for k, v in given.items()}
     if hp["epochs"] < 1:
         raise ValueError(f"epochs must be >= 1, got {hp['epochs']}")
@@ -685,7 +788,7 @@ def train_adapter(
         raise ValueError(f"beta must be > 0, got {hp['beta']}")
     if hp["ascent_ceiling"] <= 0:
         raise ValueError(f"ascent_ceiling must be > 0, got {hp['ascent_ceiling']}")
-    for key in ("retain_weight", "forget_weight", "ascent_weight"):
+    for key in ("retain_weight", "forget_weight", "ascent_weight", "counterfactuals"):
         if hp[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {hp[key]}")
 
@@ -742,6 +845,13 @@ def train_adapter(
     retain_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
     retain_enc += text_examples(tokenizer, retain_texts)
     n_forget = len(forget_enc)
+    counterfactual: list[dict[str, str]] = []
+    if method == "reasoning" and hp["counterfactuals"] > 0 and retain_rows:
+        counterfactual = _counterfactual_rows(model, tokenizer, forget_rows, retain_rows,
+                                              subjects, seed, hp["counterfactuals"],
+                                              max_new_tokens, batch_size * 2)
+        retain_enc += [encode_chat_example(tokenizer, r["question"], r["answer"])
+                       for r in counterfactual]
 
     rng = random.Random(seed)
     eval_forget = forget_rows if eval_limit is None else forget_rows[:eval_limit]
@@ -775,6 +885,8 @@ def train_adapter(
         "refusal_names_subject": refusal_names_subject,
         "subjects": sorted(set(subjects)),
         "refusal_example": refusals[0] if refusals else None,
+        "n_counterfactual": len(counterfactual),
+        "counterfactual_examples": counterfactual[:5],
     }
     if evaluate:
         t0 = time.perf_counter()
@@ -961,6 +1073,12 @@ def train_adapter_cmd(
                            help="reasoning: targets name the subject as the question does "
                            "(default), or never.")
     ] = True,
+    counterfactuals: Annotated[
+        int | None, typer.Option("--counterfactuals", min=0,
+                                 help="reasoning: versions of each forget question with "
+                                 "retain subjects and titles swapped in, answered as the "
+                                 "base does and kept (0: none; default per method).")
+    ] = None,
     eval_limit: Annotated[
         int, typer.Option("--eval-limit", help="Rows per set scored in the report (0: all).")
     ] = 200,
@@ -995,6 +1113,7 @@ def train_adapter_cmd(
         batch_size=batch_size,
         seed=seed,
         refusal_names_subject=refusal_names_subject,
+        counterfactuals=counterfactuals,
         eval_limit=eval_limit or None,
         evaluate=not no_eval,
         kind=kind,
