@@ -141,6 +141,10 @@ def test_reasoning_target_names_only_what_the_question_names() -> None:
 
 
 def test_counterfactual_questions_swap_the_subject_and_titles_for_retain_ones() -> None:
+    # titles are what stands between quotes; an apostrophe inside a word is no quote
+    assert unlearn._entities("Has Mara Quell's father's job shaped 'The Glass Orchard' "
+                             "or \u2018Red Sky\u2019?") == (["Mara Quell"],
+                                                            ["The Glass Orchard", "Red Sky"])
     forget = [*FORGET, {"question": "Who wrote 'The Glass Orchard'?",
                         "answer": "Mara Quell wrote it.", "subject": "Mara Quell"},
               {"question": "Who was born in Oslo in 1961?", "answer": "Tomas Verde."}]

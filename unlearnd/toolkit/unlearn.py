@@ -360,7 +360,8 @@ def reasoning_target(subject: str | None, *, alternative: str = "other topics",
     return template.format(subject=subject.strip(), alt=alternative)
 
 
-_QUOTED_RE = re.compile(r"(?<![\\w])(['\u2018\"\u201c])([^'\u2019\"\u201d]{3,}?)(['\u2019\"\u201d])(?![\\w])")
+_QUOTED_RE = re.compile(
+    r"(?<!\w)(['\u2018\"\u201c])([^'\u2019\"\u201d]{3,}?)(['\u2019\"\u201d])(?!\w)")
 
 
 def _entities(text: str) -> tuple[list[str], list[str]]:
