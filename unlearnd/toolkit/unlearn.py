@@ -138,15 +138,16 @@ DEFAULTS: dict[str, MethodDefaults] = {
     # question of 32 in group 1 (0.031 -> 0.062), none in group 2, and halved gibberish.
     "npo": MethodDefaults(epochs=40, lr=3e-3, ascent_weight=0.0,
                           **{**_COMMON_DEFAULTS, "retain_weight": 10.0}),
-    # reasoning: forget weight 3 and 3 counterfactuals per forget question, not 1 and
-    # none: on TOFU forget10 (its base also knowing real_authors and world_facts) the
-    # adapter refused 18% of the real-author and 7% of the world-fact questions,
-    # naming a forget author, and answered 0.72 / 0.91 of them; with these 2% / 1%,
-    # 0.91 / 0.98, at the same forget leak (1.0% -> 1.25%, greedy HF). One
-    # counterfactual at weight 1: 6% / 3% refused, leak 2.3%; three at weight 1: none
-    # refused, leak 7.5%; retain weight 10 alone: 10% / 2% refused.
-    "reasoning": MethodDefaults(epochs=60, lr=5e-3, ascent_weight=0.1, counterfactuals=3,
-                                **{**_COMMON_DEFAULTS, "forget_weight": 3.0}),
+    # reasoning: forget weight 5 and 2 counterfactuals per forget question, not 1 and
+    # none. On TOFU forget10 (its base also knowing real_authors and world_facts;
+    # adapter alone, HF greedy, leak@8 at temperature 1) the adapter without them
+    # refused 18% of the real-author and 7% of the world-fact questions, most
+    # refusals naming a forget author, answering 0.72 / 0.91; with these 3% / 4%,
+    # 0.92 / 0.95, forget leak 0.0 (was 0.01), leak@8 0.02, retain 0.96 (2% refused).
+    # The frontier around it (weight, counterfactuals: refused real authors, leak@8):
+    # 3, 1: 10%, 0.01; 3, 3: 0%, 0.145.
+    "reasoning": MethodDefaults(epochs=60, lr=5e-3, ascent_weight=0.1, counterfactuals=2,
+                                **{**_COMMON_DEFAULTS, "forget_weight": 5.0}),
 }
 """Per-method defaults; any argument given to :func:`train_adapter` overrides them."""
 
