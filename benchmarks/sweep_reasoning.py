@@ -1,0 +1,161 @@
+"""The reasoning adapter's forget/utility trade-off, one adapter per setting.
+
+On a world `unlearnd demo --forget ... --extra ...` built (its ``base/`` and ``data/``:
+``forget_train_1.jsonl``, ``forget_1.jsonl``, ``retain.jsonl`` and the ``extra_*.jsonl``
+utility sets), trains `train-adapter --method reasoning` once per setting (forget
+weight, counterfactuals per forget question; everything else the method's defaults,
+epochs as the demo sets them for 400 rows) and scores the adapter alone with HF greedy
+decoding: forget leak and refusal, leak@8 (8 samples at temperature 1), retain and
+utility accuracy and refusal, Model Utility (harmonic mean of the accuracies), and the
+outputs on retain/utility questions that name a forget subject the question did not.
+Prints a table and each setting's Model Utility and utility refusal as a ratio to the
+first setting's (the baseline, measured in the same run).
+
+    python benchmarks/sweep_reasoning.py --world work/tofu \\
+        --setting 1,0 --setting 3,1 --setting 5,2 --setting 3,3 [--json out.json]
+
+Not the server's numbers (`unlearnd eval` through the API is): greedy HF text matches
+vLLM's here, but leak@8 draws its own samples. About 1.5 min per setting on 2 cores
+for TOFU forget10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _sampled_leak(model: Any, tok: Any, rows: list[dict], k: int, seed: int) -> float:
+    """Share of `rows` whose answer leaks in at least one of `k` samples (T = 1)."""
+    import torch
+
+    from unlearnd.toolkit.evaluate import is_leak
+    from unlearnd.toolkit.training import render_prompt
+
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    torch.manual_seed(seed)
+    hits = 0
+    for start in range(0, len(rows), 16):
+        batch = rows[start:start + 16]
+        prompts = [render_prompt(tok, r["question"], None) for r in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=k,
+                                 max_new_tokens=48, eos_token_id=eos, pad_token_id=pad)
+        outs = [tok.decode([t for t in row[width:].tolist() if t not in (eos, pad)],
+                           skip_special_tokens=True) for row in gen]
+        for i, r in enumerate(batch):
+            hits += any(is_leak(o, r["answer"], r["question"]) for o in outs[i * k:(i + 1) * k])
+    return hits / len(rows)
+
+
+def run_setting(world: Path, forget_weight: float, counterfactuals: int, out: Path,
+                k: int = 8) -> dict[str, Any]:
+    """Train one adapter at (`forget_weight`, `counterfactuals`) and score it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unlearnd.toolkit.demo import TUNED_FORGET_ROWS
+    from unlearnd.toolkit.evaluate import is_correct, is_leak, is_refusal, load_qa, model_utility
+    from unlearnd.toolkit.training import greedy_answers
+    from unlearnd.toolkit.unlearn import DEFAULTS, extract_subjects, train_adapter
+
+    data, base = world / "data", world / "base"
+    train_on = data / "forget_train_1.jsonl"
+    epochs = max(2, round(DEFAULTS["reasoning"].epochs * TUNED_FORGET_ROWS
+                          / len(load_qa(train_on))))
+    t0 = time.perf_counter()
+    train_adapter(base, train_on, [data / "retain.jsonl"], out, method="reasoning",
+                  epochs=epochs, forget_weight=forget_weight, counterfactuals=counterfactuals,
+                  evaluate=False, progress=False)
+    row: dict[str, Any] = {"forget_weight": forget_weight, "counterfactuals": counterfactuals,
+                           "train_s": round(time.perf_counter() - t0, 1)}
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)),
+                                      str(out)).eval()
+    forget = load_qa(data / "forget_1.jsonl")
+    subjects = {s for s in extract_subjects(forget) if s != "this topic"}
+    outs = greedy_answers(model, tok, [r["question"] for r in forget], 64, 32)
+    row["forget_leak"] = sum(is_leak(o, r["answer"], r["question"])
+                             for o, r in zip(outs, forget, strict=True)) / len(forget)
+    row["forget_refusal"] = sum(map(is_refusal, outs)) / len(forget)
+    row["forget_leak_at_k"] = _sampled_leak(model, tok, forget, k, seed=0)
+    named = 0
+    accuracy: dict[str, float] = {}
+    refused = total = 0
+    for path in [data / "retain.jsonl", *sorted(data.glob("extra_*.jsonl"))]:
+        rows = load_qa(path)
+        outs = greedy_answers(model, tok, [r["question"] for r in rows], 64, 32)
+        name = path.stem.removeprefix("extra_")
+        accuracy[name] = sum(is_correct(o, r["answer"], r["question"])
+                             for o, r in zip(outs, rows, strict=True)) / len(rows)
+        row[f"{name}_refusal"] = sum(map(is_refusal, outs)) / len(rows)
+        if name != "retain":
+            refused += sum(map(is_refusal, outs))
+            total += len(rows)
+        named += sum(any(s in o and s not in r["question"] for s in subjects)
+                     for o, r in zip(outs, rows, strict=True))
+    row["accuracy"] = accuracy
+    row["utility_refusal"] = refused / total if total else None
+    row["model_utility"] = model_utility(
+        accuracy.get("retain"), {k: v for k, v in accuracy.items() if k != "retain"})
+    row["names_forget_subject"] = named
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world", type=Path, required=True,
+                    help="a workdir `unlearnd demo --forget ... --extra ...` built")
+    ap.add_argument("--setting", action="append", required=True,
+                    help="FORGET_WEIGHT,COUNTERFACTUALS (repeatable; the first is the baseline)")
+    ap.add_argument("--samples", type=int, default=8, help="samples per forget question")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+
+    from unlearnd.toolkit.training import set_threads
+
+    set_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate(args.setting):
+            weight, cf = spec.split(",")
+            rows.append(run_setting(args.world.resolve(), float(weight), int(cf),
+                                    Path(tmp) / f"ad{i}", k=args.samples))
+            print(json.dumps(rows[-1]), flush=True)
+    sets = [k for k in rows[0]["accuracy"] if k != "retain"]
+    head = ["forget weight", "counterfactuals", "leak", f"leak@{args.samples}", "retain acc",
+            "retain refused", *(f"{s} acc" for s in sets), *(f"{s} refused" for s in sets),
+            "utility refused", "Model Utility", "MU / baseline", "names a forget subject"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    base_mu = rows[0]["model_utility"]
+    for r in rows:
+        cells = [f"{r['forget_weight']:g}", str(r["counterfactuals"]), f"{r['forget_leak']:.3f}",
+                 f"{r['forget_leak_at_k']:.3f}", f"{r['accuracy']['retain']:.3f}",
+                 f"{r['retain_refusal']:.3f}",
+                 *(f"{r['accuracy'][s]:.3f}" for s in sets),
+                 *(f"{r[f'{s}_refusal']:.3f}" for s in sets),
+                 f"{r['utility_refusal']:.3f}" if r["utility_refusal"] is not None else "–",
+                 f"{r['model_utility']:.3f}" if r["model_utility"] is not None else "–",
+                 f"{r['model_utility'] / base_mu:.3f}" if r["model_utility"] and base_mu
+                 else "–", str(r["names_forget_subject"])]
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
