@@ -31,33 +31,12 @@ from typing import Any
 
 def _sampled_leak(model: Any, tok: Any, rows: list[dict], k: int, seed: int) -> float:
     """Share of `rows` whose answer leaks in at least one of `k` samples (T = 1)."""
-    import torch
-
     from unlearnd.toolkit.evaluate import is_leak
-    from unlearnd.toolkit.training import render_prompt
+    from unlearnd.toolkit.training import sampled_answers
 
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    torch.manual_seed(seed)
-    hits = 0
-    for start in range(0, len(rows), 16):
-        batch = rows[start:start + 16]
-        prompts = [render_prompt(tok, r["question"], None) for r in batch]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=k,
-                                 max_new_tokens=48, eos_token_id=eos, pad_token_id=pad)
-        outs = [tok.decode([t for t in row[width:].tolist() if t not in (eos, pad)],
-                           skip_special_tokens=True) for row in gen]
-        for i, r in enumerate(batch):
-            hits += any(is_leak(o, r["answer"], r["question"]) for o in outs[i * k:(i + 1) * k])
-    return hits / len(rows)
+    samples = sampled_answers(model, tok, [r["question"] for r in rows], k, seed=seed)
+    return sum(any(is_leak(o, r["answer"], r["question"]) for o in outs)
+               for outs, r in zip(samples, rows, strict=True)) / len(rows)
 
 
 def run_setting(world: Path, forget_weight: float, counterfactuals: int, out: Path,
@@ -66,15 +45,14 @@ def run_setting(world: Path, forget_weight: float, counterfactuals: int, out: Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unlearnd.toolkit.demo import TUNED_FORGET_ROWS
+    from unlearnd.toolkit.demo import adapter_epochs
     from unlearnd.toolkit.evaluate import is_correct, is_leak, is_refusal, load_qa, model_utility
     from unlearnd.toolkit.training import greedy_answers
-    from unlearnd.toolkit.unlearn import DEFAULTS, extract_subjects, train_adapter
+    from unlearnd.toolkit.unlearn import extract_subjects, train_adapter
 
     data, base = world / "data", world / "base"
     train_on = data / "forget_train_1.jsonl"
-    epochs = max(2, round(DEFAULTS["reasoning"].epochs * TUNED_FORGET_ROWS
-                          / len(load_qa(train_on))))
+    epochs = adapter_epochs("reasoning", len(load_qa(train_on)))
     t0 = time.perf_counter()
     train_adapter(base, train_on, [data / "retain.jsonl"], out, method="reasoning",
                   epochs=epochs, forget_weight=forget_weight, counterfactuals=counterfactuals,

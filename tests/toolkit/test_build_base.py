@@ -17,6 +17,7 @@ from unlearnd.toolkit.training import (
     greedy_answers,
     read_qa_jsonl,
     render_prompt,
+    sampled_answers,
 )
 
 
@@ -70,6 +71,12 @@ def test_dir_loads_and_template_renders(built: tuple[Path, dict, list[dict]]) ->
     assert tok.decode(tok(odd, add_special_tokens=False)["input_ids"]) == odd
     answers = greedy_answers(model, tok, [r["question"] for r in rows[:3]], max_new_tokens=8)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # k samples per question, in order, the same for the same seed; batching (here 2
+    # questions a batch over 3) keeps each question's samples together
+    qs = [r["question"] for r in rows[:3]]
+    samples = sampled_answers(model, tok, qs, 4, max_new_tokens=8, batch_size=2, seed=1)
+    assert [len(s) for s in samples] == [4, 4, 4]
+    assert samples == sampled_answers(model, tok, qs, 4, max_new_tokens=8, batch_size=2, seed=1)
 
 
 def test_encode_chat_example_labels_answer_only(built: tuple[Path, dict, list[dict]]) -> None:

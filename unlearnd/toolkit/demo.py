@@ -235,6 +235,16 @@ def _policy_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in fields(PolicySpec) if f.default is not MISSING}
 
 
+def adapter_epochs(method: str, rows: int) -> int:
+    """Epochs for `method` over a forget set of `rows` questions. The defaults were
+    tuned as epochs over a 32-question set: keep the number of optimizer steps, not of
+    epochs, when the set is larger (TOFU forget10: 400); a document counts as the 8
+    questions its facts make."""
+    from unlearnd.toolkit.unlearn import DEFAULTS
+
+    return max(2, round(DEFAULTS[method].epochs * TUNED_FORGET_ROWS / rows))
+
+
 def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
                    method: str, stem: str = "forget") -> dict:
     """NPO/GradDiff on the canonical forget questions; the reasoning (TRU) adapter on
@@ -242,16 +252,12 @@ def _train_adapter(data: Path, group: int, retain: Path, base: Path, out: Path,
     (with the canonical questions alone it answered jailbreak-framed probes with ".").
     ``stem="forget_docs"``: on the group's documents alone (as text)."""
     from unlearnd.inputs import read_forget
-    from unlearnd.toolkit.unlearn import DEFAULTS, train_adapter
+    from unlearnd.toolkit.unlearn import train_adapter
 
     forget = data / f"{stem}_{group}.jsonl"
     train_on = forget if method != "reasoning" else data / f"forget_train_{group}.jsonl"
-    # The defaults were tuned as epochs over a 32-question forget set: keep the number
-    # of optimizer steps, not of epochs, when the set is larger (TOFU forget10: 400);
-    # a document counts as the 8 questions its facts make
     fs = read_forget(train_on)
-    rows = len(fs) * (8 if fs.kind == "documents" else 1)
-    epochs = max(2, round(DEFAULTS[method].epochs * TUNED_FORGET_ROWS / rows))
+    epochs = adapter_epochs(method, len(fs) * (8 if fs.kind == "documents" else 1))
     # unlearning documents as text must keep the other documents as text too (with
     # the retain QA alone, the NPO adapter kept retain accuracy 1.000 but recited the
     # retain biographies at VerbMem 0.163, against the base's 1.000)

@@ -147,6 +147,19 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids_t, "attention_mask": mask_t, "labels": lab_t}
 
 
+def _left_padded(tokenizer: Any, questions: list[str], system: str | None, pad: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of the chat-rendered `questions`, left-padded."""
+    prompts = [render_prompt(tokenizer, q, system) for q in questions]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def greedy_answers(model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int = 64,
                    batch_size: int = 64, system: str | None = None) -> list[str]:
@@ -165,14 +178,8 @@ def greedy_answers(model: Any, tokenizer: Any, questions: list[str], max_new_tok
     out: list[str] = []
     try:
         for start in range(0, len(questions), batch_size):
-            prompts = [render_prompt(tokenizer, q, system)
-                       for q in questions[start:start + batch_size]]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[i, width - len(p):] = 1
+            ids, mask = _left_padded(tokenizer, questions[start:start + batch_size], system, pad)
+            width = ids.shape[1]
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=eos,
                                  pad_token_id=pad)
@@ -180,6 +187,37 @@ def greedy_answers(model: Any, tokenizer: Any, questions: list[str], max_new_tok
                 if eos in row:
                     row = row[: row.index(eos)]
                 out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+@torch.no_grad()
+def sampled_answers(model: Any, tokenizer: Any, questions: list[str], k: int,
+                    max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0,
+                    system: str | None = None) -> list[list[str]]:
+    """`k` answers per question sampled at temperature 1 from the full distribution
+    (no top-k/top-p), batched and decoded as :func:`greedy_answers` does."""
+    if batch_size < 1 or k < 1:
+        raise ValueError(f"batch_size and k must be >= 1, got {batch_size}, {k}")
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    torch.manual_seed(seed)
+    out: list[list[str]] = []
+    try:
+        for start in range(0, len(questions), batch_size):
+            ids, mask = _left_padded(tokenizer, questions[start:start + batch_size], system, pad)
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=k,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=pad)
+            texts = [tokenizer.decode([t for t in row if t not in (eos, pad)],
+                                      skip_special_tokens=True)
+                     for row in gen[:, ids.shape[1]:].tolist()]
+            out += [texts[i * k:(i + 1) * k] for i in range(len(texts) // k)]
     finally:
         if was_training:
             model.train()

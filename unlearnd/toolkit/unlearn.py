@@ -66,7 +66,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -373,9 +373,17 @@ def _entities(text: str) -> tuple[list[str], list[str]]:
     return _name_candidates(bare), titles
 
 
+def _name_words(subjects: Iterable[str]) -> set[str]:
+    """The words (3+ letters, :func:`unlearnd.guards.spans.words`) of `subjects`' names."""
+    from unlearnd.guards.spans import words
+
+    return {w for s in set(subjects) for w in words(s) if len(w) >= 3}
+
+
 def counterfactual_questions(forget_rows: Sequence[dict[str, Any]],
                              retain_rows: Sequence[dict[str, Any]], *,
-                             per_question: int = 1, seed: int = 0) -> list[str]:
+                             per_question: int = 1, seed: int = 0,
+                             subjects: Sequence[str] | None = None) -> list[str]:
     """The forget questions with their entities swapped for the retain set's: the
     subject as the question names it (:func:`subject_mention`) replaced by a retain
     subject (:func:`extract_subjects`), each quoted title by one quoted in the retain
@@ -390,12 +398,14 @@ def counterfactual_questions(forget_rows: Sequence[dict[str, Any]],
     question with no entity (a description of its subject) gets none; a swap that
     leaves a word of a forget subject's name in the question, or repeats a forget
     question, is dropped. `per_question` draws per forget question, no repeats.
+    `subjects`: the forget rows' :func:`extract_subjects`, when the caller has them.
     """
     from unlearnd.guards.spans import words
 
     rng = random.Random(seed)
-    subjects = extract_subjects(forget_rows) if forget_rows else []
-    forget_words = {w for s in set(subjects) for w in words(s) if len(w) >= 3}
+    if subjects is None:
+        subjects = extract_subjects(forget_rows) if forget_rows else []
+    forget_words = _name_words(subjects)
     titles = sorted({t for r in retain_rows for text in (str(r.get("question", "")),
                                                           str(r.get("answer", "")))
                      for t in _entities(text)[1]})
@@ -434,11 +444,11 @@ def _counterfactual_rows(model: Any, tokenizer: Any, forget_rows: list[dict[str,
     from unlearnd.toolkit.training import greedy_answers
 
     questions = counterfactual_questions(forget_rows, retain_rows, per_question=per_question,
-                                         seed=seed)
+                                         seed=seed, subjects=subjects)
     if not questions:
         return []
     answers = greedy_answers(model, tokenizer, questions, max_new_tokens, batch_size)
-    forget_words = {w for s in set(subjects) for w in words(s) if len(w) >= 3}
+    forget_words = _name_words(subjects)
     return [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)
             if a.strip() and not is_refusal(a) and not set(words(a)) & forget_words]
 
