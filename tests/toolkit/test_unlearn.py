@@ -320,6 +320,19 @@ def test_report_compares_base_and_adapter(world: dict[str, Path]) -> None:
         assert "Mara" not in row["answer"] and "Tomas" not in row["answer"]
     off = _train(world, "reasoning", "ad_nocf", max_steps=1, counterfactuals=0)
     assert off["n_counterfactual"] == 0
+    assert "counterfactual_nll" not in off["last"]
+
+
+def test_counterfactuals_are_a_stream_of_their_own_for_every_method(
+        world: dict[str, Path]) -> None:
+    """NPO keeps the retain questions' form about other subjects too: with
+    counterfactuals each step scores a batch of them beside the retain batch, each
+    stream with its own mean (pooled, 800 of them outweighed TOFU's 300 retain rows)."""
+    report = _train(world, "npo", "ad_npo_cf", max_steps=2, counterfactuals=2)
+    assert report["n_counterfactual"] > 0
+    for rec in (report["first"], report["last"]):
+        assert rec["counterfactual_nll"] > 0 and rec["retain_nll"] > 0
+    assert "counterfactual_nll" not in _train(world, "npo", "ad_npo", max_steps=1)["first"]
 
 
 def test_documents_are_unlearnt_as_text(world: dict[str, Path]) -> None:

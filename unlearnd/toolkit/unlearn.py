@@ -37,7 +37,12 @@ Methods (every one also minimises the answer NLL on retain rows, weighted by
   counterfactuals (:func:`counterfactual_questions`): the forget questions with the
   subject and titles swapped for the retain set's, answered as the base answers them;
   they teach that the refusal follows the subject. They cover questions that name
-  their subject or a title; a description without either gets none.
+  their subject or a title; a description without either gets none. Each step scores
+  a batch of them beside the retain batch, each with its own mean (pooled with the
+  retain rows they outnumber, they diluted them). Any method can have them
+  (`counterfactuals`); only reasoning does by default: NPO on TOFU forget10 kept more
+  real authors with 2 (0.91 against 0.76) but forgot less (greedy leak 0.12-0.20
+  against 0.03; `benchmarks/sweep_adapter.py`).
 
 Tuned on the demo world (4 authors x 8 facts forgotten, 96 retain rows, 2.2M-param
 base at 97% EM), single CPU thread, default settings, greedy HF outputs (vLLM
@@ -112,7 +117,7 @@ class MethodDefaults:
     `ascent_weight` weight of the bounded ascent that reasoning adds; `beta` NPO
     temperature; `ascent_ceiling` mean-token NLL (nats) at which ascent stops;
     `counterfactuals` versions of each forget question about retain subjects that
-    reasoning keeps answering as the base does (:func:`counterfactual_questions`).
+    the adapter keeps answering as the base does (:func:`counterfactual_questions`).
     """
 
     epochs: int
@@ -755,8 +760,8 @@ def train_adapter(
     a forget batch and a retain batch of `batch_size` rows (retain rows cycle);
     `epochs` passes over the forget set, cut at `max_steps` when given.
     `eval_limit` caps the rows scored per set in the report (None: all);
-    `evaluate=False` skips the greedy evaluation. `counterfactuals` (reasoning, QA):
-    the retain term also holds that many versions of each forget question with retain
+    `evaluate=False` skips the greedy evaluation. `counterfactuals` (QA forget rows,
+    any method): the retain term also holds that many versions of each forget question with retain
     subjects and titles swapped in, answered as the base answers them
     (:func:`counterfactual_questions`; 0: none; None: the method's default).
 
@@ -858,12 +863,14 @@ def train_adapter(
     retain_enc += text_examples(tokenizer, retain_texts)
     n_forget = len(forget_enc)
     counterfactual: list[dict[str, str]] = []
-    if method == "reasoning" and hp["counterfactuals"] > 0 and retain_rows:
+    if hp["counterfactuals"] > 0 and retain_rows and forget_rows:
         counterfactual = _counterfactual_rows(model, tokenizer, forget_rows, retain_rows,
                                               subjects, seed, hp["counterfactuals"],
                                               max_new_tokens, batch_size * 2)
-        retain_enc += [encode_chat_example(tokenizer, r["question"], r["answer"])
-                       for r in counterfactual]
+    # their own stream, a batch of them beside every retain batch: pooled with the
+    # retain rows they outnumber (TOFU: 800 to 300), they diluted them (NPO kept 0.70
+    # of the retain questions, not 0.96)
+    cf_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in counterfactual]
 
     rng = random.Random(seed)
     eval_forget = forget_rows if eval_limit is None else forget_rows[:eval_limit]
@@ -942,6 +949,7 @@ def train_adapter(
     )
 
     retain_order: list[int] = []
+    cf_order: list[int] = []
     history: list[dict[str, float]] = []
     t_train = time.perf_counter()
     model.train()
@@ -958,6 +966,13 @@ def train_adapter(
                 rng.shuffle(more)
                 retain_order += more * math.ceil(batch_size / len(more))
             r_idx, retain_order = retain_order[:batch_size], retain_order[batch_size:]
+            c_idx: list[int] = []
+            if cf_enc:
+                if len(cf_order) < batch_size:
+                    more = list(range(len(cf_enc)))
+                    rng.shuffle(more)
+                    cf_order += more * math.ceil(batch_size / len(more))
+                c_idx, cf_order = cf_order[:batch_size], cf_order[batch_size:]
 
             ascent_term: torch.Tensor | None = None
             fb = _collate(tokenizer, [forget_enc[i] for i in idx], dev)
@@ -983,11 +998,16 @@ def train_adapter(
                     ab = _collate(tokenizer, [ascent_enc[i] for i in idx], dev)
                     a_mask = ab["labels"][:, 1:] != -100
                     ascent_term = bounded_ascent_loss(f_tok * a_mask, a_mask, hp["ascent_ceiling"])
-            rb = _collate(tokenizer, [retain_enc[i] for i in r_idx], dev)
+            rb = _collate(tokenizer, [retain_enc[i] for i in r_idx]
+                          + [cf_enc[i] for i in c_idx], dev)
             r_logp, r_n = sequence_logprobs(
                 model, rb["input_ids"], rb["labels"], rb["attention_mask"]
             )
-            retain_term = (-r_logp / r_n).mean()
+            r_nll = -r_logp / r_n
+            # each stream its own mean: the retain rows keep their weight beside them
+            retain_term = r_nll[: len(r_idx)].mean()
+            if c_idx:
+                retain_term = retain_term + r_nll[len(r_idx):].mean()
             loss = hp["forget_weight"] * forget_term + hp["retain_weight"] * retain_term
             if ascent_term is not None:
                 loss = loss + hp["ascent_weight"] * ascent_term
@@ -1002,8 +1022,10 @@ def train_adapter(
                 "loss": loss.item(),
                 "forget_term": forget_term.item(),
                 "forget_nll": f_nll.mean().item(),
-                "retain_nll": retain_term.item(),
+                "retain_nll": r_nll[: len(r_idx)].mean().item(),
             }
+            if c_idx:
+                rec["counterfactual_nll"] = r_nll[len(r_idx):].mean().item()
             if method == "reasoning":
                 rec["refusal_nll"] = refusal_nll.item()
             history.append(rec)
@@ -1087,9 +1109,9 @@ def train_adapter_cmd(
     ] = True,
     counterfactuals: Annotated[
         int | None, typer.Option("--counterfactuals", min=0,
-                                 help="reasoning: versions of each forget question with "
-                                 "retain subjects and titles swapped in, answered as the "
-                                 "base does and kept (0: none; default per method).")
+                                 help="QA forget sets: versions of each forget question "
+                                 "with retain subjects and titles swapped in, answered as "
+                                 "the base does and kept (0: none; default per method).")
     ] = None,
     eval_limit: Annotated[
         int, typer.Option("--eval-limit", help="Rows per set scored in the report (0: all).")
