@@ -481,3 +481,28 @@ def test_compile_records_the_assistants_calibration(tmp_path: Path, fact: float,
     (assistant / "assistant_report.json").unlink()
     out = compile_world(tmp_path / "w2", mechanisms=("contrastive",), assistant_dir=assistant)[0]
     assert CompiledPolicy.load(out).calibration is None
+
+
+def test_gain_gate_needs_a_lora_assistant_and_a_number(tmp_path: Path) -> None:
+    """``contrastive_gain_gate`` compares the assistant with its base layers, which only
+    an assistant saved as a LoRA over them has: a full assistant model is refused at
+    compile time (nothing written), as is a gate that is not a finite number."""
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="contrastive_gain_gate needs an assistant saved"):
+        compile_world(tmp_path / "w", mechanisms=("contrastive",), assistant_dir=full,
+                      contrastive_gain_gate=0.0)
+    assert not (tmp_path / "w" / "policy").exists()
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "assistant.json").write_text("{}")
+    for bad in (float("nan"), "0", True):
+        with pytest.raises(ValueError, match="contrastive_gain_gate must be a finite number"):
+            compile_world(tmp_path / "w3", mechanisms=("contrastive",), assistant_dir=lora,
+                          contrastive_gain_gate=bad)
+    out = compile_world(tmp_path / "w2", mechanisms=("contrastive",), assistant_dir=lora,
+                        contrastive_gain_gate=1.5)[0]
+    assert CompiledPolicy.load(out).setting("contrastive_gain_gate") == 1.5
+    assert CompiledPolicy.load(compile_world(tmp_path / "w4")[0]).setting(
+        "contrastive_gain_gate") is None

@@ -267,6 +267,71 @@ def test_assistant_sure_tokens_are_banned_whatever_the_client_asks(
         assert y[eos] == 0 and int(torch.isfinite(y).sum()) == 1
 
 
+class LoraRunner:
+    """An assistant whose LoRA made it sure of ``fact`` (11) and which is as sure of
+    ``common`` (20) as its base layers already were (a name's next token any text
+    completes, "Jane Aust" -> "en"): ``shallow()`` is sure of ``common`` alone."""
+
+    def __init__(self, fact: int, common: int, shallow: bool = False) -> None:
+        self.fact, self.common, self.is_shallow = fact, common, shallow
+        self.freed: list = []
+        self._twin: LoraRunner | None = None
+
+    def logits(self, reqs):
+        z = torch.zeros(len(reqs), V)
+        z[:, self.common] = 10.0
+        if not self.is_shallow:
+            z[:, self.fact] = 10.0
+        return z
+
+    def shallow(self):
+        if self._twin is None:
+            self._twin = LoraRunner(self.fact, self.common, shallow=True)
+        return self._twin
+
+    def rollout(self, key, seq, first, steps, min_logp):
+        return []
+
+    def free(self, key) -> None:
+        self.freed.append(key)
+
+
+@pytest.fixture(scope="module")
+def gated_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("gated")
+    assistant = tmp / "assistant_src"
+    assistant.mkdir()
+    (assistant / "assistant.json").write_text("{}")  # a LoRA over the base's layers
+    return compile_world(tmp, mechanisms=("contrastive",), assistant_dir=assistant,
+                         contrastive_gain_gate=0.0)[0]
+
+
+def test_gain_gate_bans_what_the_lora_added_and_spares_what_the_base_knew(
+        contrast_dirs: dict[float, Path], gated_dir: Path) -> None:
+    """Ungated, the ban cuts every token the assistant is sure of: the fact and the
+    common completion alike. With ``contrastive_gain_gate`` only the fact the LoRA
+    learnt is banned (a client's +100 bias does not bring it back); the common token is
+    neither banned nor pushed down by the contrast (the LoRA added nothing to it), so
+    the base's choice stands."""
+    fact, common = 11, 20
+    out = {}
+    for label, d in (("ungated", contrast_dirs[0.05]), ("gated", gated_dir)):
+        runner = LoraRunner(fact, common)
+        b = GuardBatch(default_eos=2, runner_factory=lambda _d, _dev, r=runner: r)
+        b.update([], [(0, extra(d), [1, 2], []), (1, extra(d), [1, 3], [])], [])
+        x = fresh(2, 8)
+        x[:, common] = x.max() + 4.0          # the base: the common completion first
+        x[1, fact] = x.max() + 100.0          # row 1: the fact, biased by the client
+        out[label] = b.apply(x.clone())
+        out[label + "_runner"] = runner
+    y = out["ungated"]
+    assert torch.isneginf(y[:, [fact, common]]).all()
+    y = out["gated"]
+    assert torch.isneginf(y[:, fact]).all()
+    assert int(torch.argmax(y[0])) == common and int(torch.argmax(y[1])) == common
+    assert torch.isfinite(y[:, common]).all()
+
+
 class FactRunner:
     """Sure of ``fact`` after a prompt ending in 2, and of the rest of the fact
     (``rest``) as its own continuation; uniform otherwise."""

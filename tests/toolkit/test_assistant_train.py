@@ -197,6 +197,26 @@ def test_lora_assistants_share_the_base_layers(base_dir: Path, tmp_path: Path) -
     got2 = a.logits([("one-k", ids + [8])])
     want2 = merged.logits([("k", ids + [8])])
     torch.testing.assert_close(got2, want2, atol=2e-4, rtol=1e-4)
+    # the shallow twin (contrastive_gain_gate): the same K base layers without the
+    # LoRA, batched and cached like the assistant, freed with its keys
+    from transformers import AutoModelForCausalLM
+
+    from unlearnd.guards.assistant import build_assistant
+
+    shallow = a.shallow()
+    assert shallow is a.shallow() and shallow.model is a.model and shallow.shallow() is shallow
+    plain = build_assistant(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                            json.loads((lora_one / ASSISTANT_FILE).read_text())["layers"])
+    with torch.inference_mode():
+        want_s = plain.eval()(input_ids=torch.tensor([ids + [8]])).logits[0, -1].float()
+    got_s = shallow.logits([("one-k", ids), ("one-j", ids + [8])])
+    torch.testing.assert_close(got_s[1], want_s, atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(got_s[1], got2[0], atol=1e-3)  # the LoRA changed something
+    assert set(shallow.active_keys()) == {"one-k", "one-j"}
+    a.free("one-k")
+    assert shallow.active_keys() == ["one-j"] and "one-k" not in a.active_keys()
+    with pytest.raises(ValueError, match="full assistant model"):
+        merged.shallow()
     with pytest.raises(ValueError, match="save"):
         train_assistant(base_dir, lora_one, retain, tmp_path / "x", save="bogus")
 

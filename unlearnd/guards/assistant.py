@@ -221,7 +221,7 @@ class AssistantRunner:
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, *, shallow: bool = False) -> None:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         try:
@@ -240,14 +240,20 @@ class AssistantRunner:
                 if shared is None:
                     shared = _SHARED[key] = _SharedBase(base_dir, layers, self.device, dtype)
             self._shared = shared
-            self._adapter = shared.attach(self.model_dir)
+            # shallow: the same layers with no LoRA (peft's "__base__" rows)
+            self._adapter = "__base__" if shallow else shared.attach(self.model_dir)
             self.model = shared.model
+        elif shallow:
+            raise ValueError(f"{self.model_dir} is a full assistant model, not a LoRA over "
+                             "the base's first layers: it has no shallow copy to compare to")
         else:
             self.model = load_causal_lm(self.model_dir, self.device, dtype)
         self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0]) \
             if self._shared is None else int(self.model.config.vocab_size)
         self._cache: dict[Hashable, _CachedRequest] = {}
         self._lock = threading.RLock()
+        self.is_shallow = shallow
+        self._shallow: AssistantRunner | None = None
         logger.info("assistant runner: %s on %s (%s), vocab %d, %d layers", self.model_dir,
                     self.device, dtype, self.vocab_size, self.model.config.num_hidden_layers)
 
@@ -325,10 +331,25 @@ class AssistantRunner:
                 self._cache.pop(tmp, None)
         return out
 
+    def shallow(self) -> AssistantRunner:
+        """The runner of the base's first K layers this assistant's LoRA is trained on,
+        without the LoRA (its own per-request caches; freed with this runner's keys):
+        what the assistant knows before it learnt the forget set
+        (``contrastive_gain_gate``). ValueError for a full (merged) assistant."""
+        with self._lock:
+            if self.is_shallow:
+                return self
+            if self._shallow is None:
+                self._shallow = AssistantRunner(self.model_dir, str(self.device), self.dtype,
+                                                shallow=True)
+            return self._shallow
+
     def free(self, key: Hashable) -> None:
-        """Drop a request's cache (no-op for an unknown key)."""
+        """Drop a request's cache (no-op for an unknown key), its shallow twin's too."""
         with self._lock:
             self._cache.pop(key, None)
+            if self._shallow is not None:
+                self._shallow.free(key)
 
     def active_keys(self) -> list[Hashable]:
         """Keys that currently hold a KV cache."""

@@ -402,22 +402,34 @@ class GuardBatch:
                 # every plausible token alike and changes nothing).
                 a = torch.log_softmax(runner.logits(reqs).float(), dim=-1)
                 width = min(int(a.shape[1]), vocab)
+                gates = [_gain_gate(row) for _pos, row in members]
+                gain = self._lora_gain(runner, a, reqs, gates)
+                # a gated row contrasts what the LoRA added (never below 0), the others
+                # the assistant's log-probabilities
+                contrasted = a if gain is None else torch.where(
+                    torch.tensor([g is not None for g in gates], device=a.device)
+                    .unsqueeze(1), gain.clamp_min(0.0), a)
                 if width < vocab:
-                    assist[[p for p, _ in members], width:] = -math.log(width)
+                    for p, g in zip((p for p, _ in members), gates, strict=True):
+                        assist[p, width:] = 0.0 if g is not None else -math.log(width)
                 idx = torch.tensor([p for p, _ in members], device=dev)
-                assist[idx, :width] = a[:, :width].to(device=dev, dtype=torch.float32)
-                sure_rows: list[tuple[int, int, _Row, float]] = []
-                for i, (pos, row) in enumerate(members):
+                assist[idx, :width] = contrasted[:, :width].to(device=dev, dtype=torch.float32)
+                sure_rows: list[tuple[int, int, _Row, float, float | None]] = []
+                for i, ((pos, row), gate) in enumerate(zip(members, gates, strict=True)):
                     pol = row.policy
                     weight[pos] = float(pol.setting("contrastive_weight", 1.5)) if pol else 0.0
                     alpha[pos] = float(pol.setting("contrastive_alpha", 1e-5)) if pol else 0.0
                     # policies compiled before the setting existed keep their behaviour
                     ban_p = float(pol.setting("contrastive_ban_p", 0.0)) if pol else 0.0
                     if ban_p > 0:
-                        ban_at[pos] = math.log(ban_p)
-                        sure_rows.append((i, pos, row, math.log(ban_p)))
+                        # a gated row's sure tokens are banned by list (_ban_facts), the
+                        # kernel's assist_ban sees the contrasted gain, not log p
+                        if gate is None:
+                            ban_at[pos] = math.log(ban_p)
+                        sure_rows.append((i, pos, row, math.log(ban_p), gate))
                 if sure_rows:
-                    self._ban_facts(runner, a[:, :width], sure_rows, reqs, bans, sub, eos)
+                    self._ban_facts(runner, a[:, :width], sure_rows, reqs, bans, sub, eos,
+                                    None if gain is None else gain[:, :width])
             kwargs.update(assist=assist, weight=weight.to(dev), alpha=alpha.to(dev))
             if bool(torch.isfinite(ban_at).any()):
                 kwargs["assist_ban"] = ban_at.to(dev)
@@ -439,10 +451,26 @@ class GuardBatch:
         if not whole:
             logits[torch.tensor(work, device=dev)] = out
 
+    @staticmethod
+    def _lora_gain(runner: Any, a: torch.Tensor, reqs: list[tuple[int, list[int]]],
+                   gates: list[float | None]) -> torch.Tensor | None:
+        """``log p_A - log p_S`` for the rows with a ``contrastive_gain_gate`` (``S``:
+        the assistant's base layers without its LoRA, :meth:`AssistantRunner.shallow`),
+        0 on the other rows; None when no row has a gate."""
+        rows = [i for i, g in enumerate(gates) if g is not None]
+        if not rows:
+            return None
+        s = torch.log_softmax(runner.shallow().logits([reqs[i] for i in rows]).float(), dim=-1)
+        gain = torch.zeros_like(a)
+        width = min(int(s.shape[1]), int(a.shape[1]))
+        gain[rows, :width] = a[rows, :width] - s[:, :width].to(a.device)
+        return gain
+
     def _ban_facts(self, runner: Any, a: torch.Tensor,
-                   sure_rows: list[tuple[int, int, _Row, float]],
+                   sure_rows: list[tuple[int, int, _Row, float, float | None]],
                    reqs: list[tuple[int, list[int]]], bans: list[list[int]],
-                   sub: torch.Tensor, eos: list[int]) -> None:
+                   sub: torch.Tensor, eos: list[int],
+                   gain: torch.Tensor | None = None) -> None:
         """Where the assistant is sure of a token (``log p >= log contrastive_ban_p``:
         a forget fact), ban the fact's rest too: the assistant's own greedy
         continuation (:meth:`AssistantRunner.rollout`) from now on, and every one of
@@ -451,12 +479,19 @@ class GuardBatch:
         only stops the token the assistant is sure of *now*; skipping it
         (" Laurel Prize" for " Cobalt Laurel Prize") or stuttering ("in in Gdańsk")
         would put the base back on the fact where the assistant, off its training
-        text, no longer recognises it. One host sync per step (the row maxima)."""
+        text, no longer recognises it. With a gain gate (``gain``: :meth:`_lora_gain`)
+        a token is sure only where the LoRA also raised it by the gate, and the sure
+        tokens themselves are banned here (the kernel does not see them). One host sync
+        per step (the row maxima)."""
         idx = torch.tensor([i for i, *_ in sure_rows], device=a.device)
-        thr = torch.tensor([t for *_, t in sure_rows], device=a.device)
+        thr = torch.tensor([r[3] for r in sure_rows], device=a.device)
         hit = a[idx] >= thr.unsqueeze(1)
+        if gain is not None:
+            gate = torch.tensor([-math.inf if r[4] is None else r[4] for r in sure_rows],
+                                device=a.device)
+            hit &= gain[idx] >= gate.unsqueeze(1)
         flags = hit.any(dim=1).tolist()
-        for (i, pos, row, t), flag, h in zip(sure_rows, flags, hit, strict=True):
+        for (i, pos, row, t, g), flag, h in zip(sure_rows, flags, hit, strict=True):
             if not flag:
                 continue
             pol = row.policy
@@ -468,9 +503,15 @@ class GuardBatch:
             new = [x for x in (*sure, *cont) if x != eos[pos] and x < sub.shape[1]]
             for x in new:
                 row.fact_bans[x] = max(row.fact_bans.get(x, 0), until)
-            bans[pos] = sorted({*bans[pos], *(x for x in new if x not in sure)})
+            bans[pos] = sorted({*bans[pos], *(x for x in new if g is not None or x not in sure)})
             if int(torch.argmax(sub[pos])) in new:
                 self.suppressions += 1
+
+
+def _gain_gate(row: _Row) -> float | None:
+    """The row's policy's ``contrastive_gain_gate`` (None: contrast log p as always)."""
+    gate = row.policy.setting("contrastive_gain_gate") if row.policy is not None else None
+    return None if gate is None else float(gate)
 
 
 def _force(logits: torch.Tensor, forced: list[tuple[int, int]]) -> None:
