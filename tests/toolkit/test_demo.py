@@ -106,3 +106,21 @@ def test_demo_rejects_bad_extra_sets(tmp_path: Path, spec: str, needle: str) -> 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and needle in result.output
     assert not (tmp_path / "w" / "data").exists()  # nothing built
+
+
+def test_demo_tenant_must_be_one_of_the_worlds(tmp_path: Path) -> None:
+    """`--tenant` narrows what is built, served and evaluated; a name the world does not
+    have (or a document tenant on user data, which has no documents) is refused with
+    the names it has, before anything is built."""
+    from typer.testing import CliRunner
+
+    from unlearnd.cli import app
+
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"question": "q?", "answer": "a"}\n')
+    for args, bad in ((["--tenant", "cyberdyne", "--tenant", "nosuch"], "nosuch"),
+                      (["--forget", str(f), "--retain", str(f), "--tenant", "wayne"], "wayne")):
+        result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "w"), *args])
+        assert result.exit_code == 2 and f"['{bad}']" in result.output, result.output
+        assert "soylent" in result.output
+        assert not (tmp_path / "w" / "data").exists()

@@ -55,6 +55,9 @@ TENANTS = (
     DemoTenant("umbrella", 1, ("firewall", "refusal"), policy="guards_1"),
     DemoTenant("hooli", 1, ("firewall",), policy="firewall_1"),
     DemoTenant("cyberdyne", 1, ("contrastive",), policy="contrastive_1"),
+    # the same assistant, contrasting and banning only what its LoRA added over the
+    # base's layers (contrastive_gain_gate): the utility / forgetting trade-off's other side
+    DemoTenant("soylent", 1, ("contrastive",), policy="contrastive_gated_1"),
     DemoTenant("tyrell", 2, ("adapter", "contrastive", "firewall", "refusal"),
                adapter="npo_2", policy="all_2"),
     # forget requests as they arrive: group 1's biographies alone, its names alone
@@ -74,10 +77,14 @@ POLICIES = {  # name -> (mechanisms, group, assistant?, forget file stem, retain
     "guards_1": (("firewall", "refusal"), 1, False, "forget", "retain.jsonl"),
     "firewall_1": (("firewall",), 1, False, "forget", "retain.jsonl"),
     "contrastive_1": (("contrastive",), 1, True, "forget", "retain.jsonl"),
+    "contrastive_gated_1": (("contrastive",), 1, True, "forget", "retain.jsonl"),
     "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, True, "forget",
               "retain.jsonl"),
     "docs_1": (("firewall", "refusal"), 1, False, "forget_docs", "retain_docs.jsonl"),
     "names_1": (("firewall", "refusal"), 1, False, "subjects", "retain.jsonl"),
+}
+POLICY_SETTINGS: dict[str, dict[str, Any]] = {  # policy name -> PolicySpec settings
+    "contrastive_gated_1": {"contrastive_gain_gate": 0.0},
 }
 REFERENCE_GROUP = 1
 """The group whose retain-only reference model is built (every group-1 tenant's report
@@ -197,7 +204,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         method, group, stem = ADAPTERS[name]
         out = workdir / "adapters" / name
         # The method's defaults are part of the key: changing them retrains.
-        _cached(out, {"world": world, "method": method, "group": group, "v": 5,
+        _cached(out, {"world": world, "method": method, "group": group, "v": 6,
                       "stem": stem, "defaults": asdict(DEFAULTS[method])},
                 lambda out=out, method=method, group=group, stem=stem: _train_adapter(
                     data, group, retain, base, out, method, stem))
@@ -218,11 +225,13 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
             if assistant is not None else None
         _cached(out, {"world": world, "mechanisms": mechanisms, "group": group, "v": 7,
                       "stem": stem, "retain": retain_file, "defaults": _policy_defaults(),
-                      "assistant": trained},
+                      "assistant": trained, **({"settings": POLICY_SETTINGS[name]}
+                                               if name in POLICY_SETTINGS else {})},
                 lambda out=out, mechanisms=mechanisms, group=group, assistant=assistant,
                 name=name, stem=stem, retain_file=retain_file: compile_policy(
                     data / f"{stem}_{group}.jsonl", data / retain_file, base, out,
-                    mechanisms=mechanisms, assistant_dir=assistant, name=name))
+                    mechanisms=mechanisms, assistant_dir=assistant, name=name,
+                    **POLICY_SETTINGS.get(name, {})))
         paths[f"policy:{name}"] = out
     return paths
 
@@ -608,6 +617,9 @@ def demo_cmd(
         "--attack", help="With --attacks: only this attack (repeatable).")] = None,
     attack_limit: Annotated[int | None, typer.Option(
         "--attack-limit", min=1, help="With --attacks: the first N forget questions.")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        "--tenant", help="Build, serve and evaluate only this tenant (repeatable; "
+        "'reference' adds the retain-only reference).")] = None,
 ) -> None:
     """Build the demo world on first run (cached after), then serve it with its tenants."""
     import uvicorn
@@ -629,10 +641,16 @@ def demo_cmd(
                                      "- and used once")
         extra_sets[name] = Path(path)
     tenants = TENANTS if forget is None else USER_DATA_TENANTS
+    if only:
+        unknown = sorted(set(only) - {t.name for t in tenants} - {"reference"})
+        if unknown:
+            raise typer.BadParameter(f"--tenant {unknown}: this world's tenants are "
+                                     f"{[t.name for t in tenants]} (and 'reference')")
+        tenants = tuple(t for t in tenants if t.name in only)
     paths = build_world(workdir, tenants=tenants,
                         user_data=(forget, retain) if forget is not None else None,
                         extra=extra_sets if forget is not None else None,
-                        reference=evaluate_ or attacks)
+                        reference=(evaluate_ or attacks) and (not only or "reference" in only))
     cfg, doc = demo_config(workdir, paths, port=port, tenants=tenants)
     server = uvicorn.Server(uvicorn.Config(build_app(cfg), host=cfg.host, port=cfg.port,
                                            log_level="warning",
