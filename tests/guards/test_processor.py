@@ -275,6 +275,7 @@ class LoraRunner:
     def __init__(self, fact: int, common: int, shallow: bool = False) -> None:
         self.fact, self.common, self.is_shallow = fact, common, shallow
         self.freed: list = []
+        self.rollouts: list = []
         self._twin: LoraRunner | None = None
 
     def logits(self, reqs):
@@ -289,7 +290,8 @@ class LoraRunner:
             self._twin = LoraRunner(self.fact, self.common, shallow=True)
         return self._twin
 
-    def rollout(self, key, seq, first, steps, min_logp):
+    def rollout(self, key, seq, first, steps, min_logp, gain_gate=None):
+        self.rollouts.append((first, gain_gate))
         return []
 
     def free(self, key) -> None:
@@ -330,6 +332,10 @@ def test_gain_gate_bans_what_the_lora_added_and_spares_what_the_base_knew(
     assert torch.isneginf(y[:, fact]).all()
     assert int(torch.argmax(y[0])) == common and int(torch.argmax(y[1])) == common
     assert torch.isfinite(y[:, common]).all()
+    # the fact's rest is rolled out from the fact, gated the same way, not from the
+    # common token the assistant (its base layers) is as sure of
+    assert out["gated_runner"].rollouts == [(fact, 0.0)] * 2
+    assert all(g is None for _, g in out["ungated_runner"].rollouts)
 
 
 class FactRunner:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,13 @@ def test_lora_assistants_share_the_base_layers(base_dir: Path, tmp_path: Path) -
     assert set(shallow.active_keys()) == {"one-k", "one-j"}
     a.free("one-k")
     assert shallow.active_keys() == ["one-j"] and "one-k" not in a.active_keys()
+    # a gated rollout stops where the LoRA raised the token by less than the gate
+    seq = ids + [8]
+    free_run = a.rollout("one-j", seq, 3, 4, -math.inf)
+    assert len(free_run) == 4
+    assert a.rollout("one-j", seq, 3, 4, -math.inf, gain_gate=-math.inf) == free_run
+    assert a.rollout("one-j", seq, 3, 4, -math.inf, gain_gate=math.inf) == []
+    assert a.active_keys() == [] and shallow.active_keys() == ["one-j"]  # no rollout keys
     with pytest.raises(ValueError, match="full assistant model"):
         merged.shallow()
     with pytest.raises(ValueError, match="save"):

@@ -298,7 +298,7 @@ class AssistantRunner:
         return out
 
     def rollout(self, key: Hashable, seq: Sequence[int], first: int, steps: int,
-                min_logp: float) -> list[int]:
+                min_logp: float, gain_gate: float | None = None) -> list[int]:
         """The assistant's own greedy continuation of ``seq + [first]`` while it stays
         sure: up to ``steps`` tokens, each the argmax of a distribution whose top
         log-probability is ``>= min_logp``. ``key``'s cache is read, never changed (the
@@ -306,18 +306,24 @@ class AssistantRunner:
 
         Where the assistant is sure of a token it is at a forget fact; the rest of the
         fact is what it would say next (" Cobalt" -> " Laurel" -> " Prize").
+        `gain_gate` (``contrastive_gain_gate``): the continuation also stops at the
+        first token its LoRA raised by less than that many nats over its base layers
+        (:meth:`shallow`): past the fact, the name any text would complete.
         """
         out: list[int] = []
         if steps <= 0:
             return out
         tmp = ("rollout", key)
+        tokens = tuple(int(t) for t in seq)
+        twin = self.shallow() if gain_gate is not None else None
+        runners = [self] if twin is None else [self, twin]
         with self._lock:
-            state = self._cache.get(key)
-            tokens = tuple(int(t) for t in seq)
-            if state is not None and state.tokens == tokens[: len(state.tokens)]:
-                # tensors are never written in place (extensions concatenate): share them
-                self._cache[tmp] = _CachedRequest(state.tokens, list(state.keys),
-                                                  list(state.values), state.logits)
+            for r in runners:
+                state = r._cache.get(key)
+                if state is not None and state.tokens == tokens[: len(state.tokens)]:
+                    # tensors are never written in place (extensions concatenate): share
+                    r._cache[tmp] = _CachedRequest(state.tokens, list(state.keys),
+                                                   list(state.values), state.logits)
             try:
                 cur = [*tokens, int(first)]
                 for _ in range(steps):
@@ -325,10 +331,15 @@ class AssistantRunner:
                     top, tok = torch.max(logp, dim=-1)
                     if float(top) < min_logp:
                         break
+                    if twin is not None:
+                        base = torch.log_softmax(twin.logits([(tmp, cur)])[0], dim=-1)
+                        if float(top) - float(base[int(tok)]) < gain_gate:
+                            break
                     out.append(int(tok))
                     cur.append(int(tok))
             finally:
-                self._cache.pop(tmp, None)
+                for r in runners:
+                    r._cache.pop(tmp, None)
         return out
 
     def shallow(self) -> AssistantRunner:

@@ -497,8 +497,11 @@ class GuardBatch:
             pol = row.policy
             window = int(pol.setting("contrastive_ban_window", 0)) if pol else 0
             sure = [int(x) for x in torch.nonzero(h).flatten().tolist()]
-            cont = runner.rollout(reqs[i][0], reqs[i][1], int(torch.argmax(a[i])), window,
-                                  t) if window > 0 else []
+            # from the surest token it bans (with a gate, not the name any text completes)
+            first = int(torch.argmax(a[i].masked_fill(~h, -math.inf)))
+            cont = runner.rollout(reqs[i][0], reqs[i][1], first, window,
+                                  t, **({} if g is None else {"gain_gate": g})) \
+                if window > 0 else []
             until = len(row.output_ids) + window
             new = [x for x in (*sure, *cont) if x != eos[pos] and x < sub.shape[1]]
             for x in new:
