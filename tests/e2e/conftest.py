@@ -69,10 +69,11 @@ def tiny_server(tiny_world: dict[str, Path]):
 def small_world():
     """A small synthetic world the base model really knows, built once and cached under
     `.cache/e2e-world` (or $UNLEARND_E2E_WORLD), with its adapters, assistant and
-    policies for the tenants public, acme, umbrella, hooli and cyberdyne."""
+    policies for the tenants public, acme, umbrella, hooli, cyberdyne and soylent
+    (cyberdyne's assistant behind contrastive_gain_gate)."""
     from unlearnd.toolkit.demo import TENANTS, build_world
 
-    names = {"public", "acme", "umbrella", "hooli", "cyberdyne"}
+    names = {"public", "acme", "umbrella", "hooli", "cyberdyne", "soylent"}
     tenants = tuple(t for t in TENANTS if t.name in names)
     workdir = Path(os.environ.get("UNLEARND_E2E_WORLD", ROOT / ".cache" / "e2e-world"))
     # QA only: the attack tests' preconditions (the base gives the answers away under

@@ -52,7 +52,7 @@ TEXT_FORMAT = {"format": {"type": "json_schema", "name": "city", "schema": SCHEM
 
 @pytest.fixture(scope="module")
 def server(guard_server):
-    """The guard server (public, acme, umbrella, hooli, cyberdyne): the demo's config
+    """The guard server (public, acme, umbrella, hooli, cyberdyne, soylent): the demo's config
     has tool parsing and compact JSON (`DEMO_VLLM_ARGS`); `.doc` is its demo.json."""
     return guard_server
 
