@@ -651,6 +651,18 @@ def score_outputs(
 # --------------------------------------------------------------------------- training
 
 
+def _next_cycled(order: list[int], n: int, k: int, rng: random.Random
+                 ) -> tuple[list[int], list[int]]:
+    """The next `k` of `n` rows drawn as reshuffled passes over them: ``(batch, rest)``,
+    `order` (what is left of the current pass) refilled with a new shuffled pass when
+    it holds fewer than `k`."""
+    if len(order) < k:
+        more = list(range(n))
+        rng.shuffle(more)
+        order = order + more * math.ceil(k / len(more))
+    return order[:k], order[k:]
+
+
 def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
     return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
 
@@ -961,18 +973,10 @@ def train_adapter(
         for idx in _batches(order, batch_size):
             if step >= total:
                 break
-            if len(retain_order) < batch_size:
-                more = list(range(len(retain_enc)))
-                rng.shuffle(more)
-                retain_order += more * math.ceil(batch_size / len(more))
-            r_idx, retain_order = retain_order[:batch_size], retain_order[batch_size:]
+            r_idx, retain_order = _next_cycled(retain_order, len(retain_enc), batch_size, rng)
             c_idx: list[int] = []
             if cf_enc:
-                if len(cf_order) < batch_size:
-                    more = list(range(len(cf_enc)))
-                    rng.shuffle(more)
-                    cf_order += more * math.ceil(batch_size / len(more))
-                c_idx, cf_order = cf_order[:batch_size], cf_order[batch_size:]
+                c_idx, cf_order = _next_cycled(cf_order, len(cf_enc), batch_size, rng)
 
             ascent_term: torch.Tensor | None = None
             fb = _collate(tokenizer, [forget_enc[i] for i in idx], dev)
@@ -1005,9 +1009,9 @@ def train_adapter(
             )
             r_nll = -r_logp / r_n
             # each stream its own mean: the retain rows keep their weight beside them
-            retain_term = r_nll[: len(r_idx)].mean()
-            if c_idx:
-                retain_term = retain_term + r_nll[len(r_idx):].mean()
+            retain_nll = r_nll[: len(r_idx)].mean()
+            cf_nll = r_nll[len(r_idx):].mean() if c_idx else None
+            retain_term = retain_nll if cf_nll is None else retain_nll + cf_nll
             loss = hp["forget_weight"] * forget_term + hp["retain_weight"] * retain_term
             if ascent_term is not None:
                 loss = loss + hp["ascent_weight"] * ascent_term
@@ -1022,10 +1026,10 @@ def train_adapter(
                 "loss": loss.item(),
                 "forget_term": forget_term.item(),
                 "forget_nll": f_nll.mean().item(),
-                "retain_nll": r_nll[: len(r_idx)].mean().item(),
+                "retain_nll": retain_nll.item(),
             }
-            if c_idx:
-                rec["counterfactual_nll"] = r_nll[len(r_idx):].mean().item()
+            if cf_nll is not None:
+                rec["counterfactual_nll"] = cf_nll.item()
             if method == "reasoning":
                 rec["refusal_nll"] = refusal_nll.item()
             history.append(rec)
