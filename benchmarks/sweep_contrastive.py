@@ -39,21 +39,29 @@ import torch
 W, ALPHA, MIN_P, BAN_P = 1.5, 1e-5, 0.7, 0.05
 
 
-def parse_setting(spec: str) -> float | None:
-    """``"ungated"`` -> None, ``"gate:R"`` -> R; ValueError naming the problem."""
+def parse_setting(spec: str) -> tuple[str, float | None]:
+    """``"ungated"`` -> ("ungated", None), ``"gate:R"`` -> ("gate", R), ``"floor"`` /
+    ``"floor:C"`` -> ("floor", C) (C defaults to 0); ValueError naming the problem."""
     if spec == "ungated":
-        return None
+        return "ungated", None
+    if spec == "floor":
+        return "floor", 0.0
     head, sep, value = spec.partition(":")
     try:
-        if head != "gate" or not sep:
+        if head not in ("gate", "floor") or not sep:
             raise ValueError
-        gate = float(value)
-        if not math.isfinite(gate):
+        number = float(value)
+        if not math.isfinite(number) or (head == "floor" and number < 0):
             raise ValueError
     except ValueError:
-        raise ValueError(f"setting {spec!r}: expected 'ungated' or 'gate:R' with R a "
-                         "finite number of nats") from None
-    return gate
+        raise ValueError(f"setting {spec!r}: expected 'ungated', 'gate:R' with R a finite "
+                         "number of nats, or 'floor[:C]' with C >= 0 nats") from None
+    return head, number
+
+
+def label(setting: tuple[str, float | None]) -> str:
+    kind, value = setting
+    return kind if value is None or (kind == "floor" and value == 0) else f"{kind} {value:g}"
 
 
 def _last_logits(model: Any, seqs: list[list[int]], pad: int) -> torch.Tensor:
@@ -69,9 +77,10 @@ def _last_logits(model: Any, seqs: list[list[int]], pad: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(models: tuple[Any, Any, Any], tok: Any, questions: list[str], gate: float | None,
-           max_new_tokens: int = 48) -> list[str]:
-    """Greedy contrasted answers to `questions` (:func:`parse_setting`'s `gate`)."""
+def decode(models: tuple[Any, Any, Any], tok: Any, questions: list[str],
+           setting: tuple[str, float | None], max_new_tokens: int = 48,
+           ban_p: float = BAN_P) -> list[str]:
+    """Greedy contrasted answers to `questions` under `setting` (:func:`parse_setting`)."""
     from unlearnd.toolkit.training import answer_encoding
 
     base, assistant, shallow = models
@@ -87,12 +96,15 @@ def decode(models: tuple[Any, Any, Any], tok: Any, questions: list[str], gate: f
         z = _last_logits(base, cur, eos)
         a = _last_logits(assistant, cur, eos)
         plausible = z >= z.amax(1, keepdim=True) + math.log(ALPHA)
-        sure = a >= math.log(BAN_P)
-        if gate is None:
+        sure = a >= math.log(ban_p)
+        kind, value = setting
+        if kind == "ungated":
             penalty = a
+        elif kind == "floor":  # log p_A floored C nats below uniform
+            penalty = a.clamp_min(-math.log(a.shape[-1]) - value)
         else:
             gain = a - _last_logits(shallow, cur, eos)
-            penalty, sure = gain.clamp_min(0.0), sure & (gain >= gate)
+            penalty, sure = gain.clamp_min(0.0), sure & (gain >= value)
         out = torch.where(plausible, z - W * penalty, z)
         out = out.masked_fill(out < out.amax(1, keepdim=True) + math.log(MIN_P), -math.inf)
         out = out.masked_fill(sure, -math.inf)
@@ -103,8 +115,8 @@ def decode(models: tuple[Any, Any, Any], tok: Any, questions: list[str], gate: f
     return [tok.decode(s[n:], skip_special_tokens=True) for s, n in zip(seqs, starts, strict=True)]
 
 
-def run_setting(world: Path, models: tuple[Any, Any, Any], tok: Any, gate: float | None,
-                batch: int = 64) -> dict[str, Any]:
+def run_setting(world: Path, models: tuple[Any, Any, Any], tok: Any,
+                setting: tuple[str, float | None], batch: int = 64, ban_p: float = BAN_P) -> dict[str, Any]:
     from unlearnd.toolkit.evaluate import (
         is_correct,
         is_gibberish,
@@ -115,13 +127,14 @@ def run_setting(world: Path, models: tuple[Any, Any, Any], tok: Any, gate: float
 
     data = world / "data"
     paths = [data / "forget_1.jsonl", data / "retain.jsonl", *sorted(data.glob("extra_*.jsonl"))]
-    row: dict[str, Any] = {"gate": gate, "sets": {}}
+    row: dict[str, Any] = {"setting": label(setting), "sets": {}}
     t0 = time.perf_counter()
     for path in paths:
         rows = load_qa(path)
         outs: list[str] = []
         for i in range(0, len(rows), batch):
-            outs += decode(models, tok, [r["question"] for r in rows[i: i + batch]], gate)
+            outs += decode(models, tok, [r["question"] for r in rows[i: i + batch]], setting,
+                           ban_p=ban_p)
         name = path.stem.removeprefix("extra_").removesuffix("_1")
         pairs = list(zip(outs, rows, strict=True))
         row["sets"][name] = {
@@ -142,14 +155,18 @@ def main() -> None:
     ap.add_argument("--world", type=Path, required=True,
                     help="a workdir `unlearnd demo --forget ... --extra ...` built")
     ap.add_argument("--assistant", type=Path,
-                    help="the LoRA assistant (default: WORLD/assistants/group_1)")
+                    help="the assistant (default: WORLD/assistants/group_1); a full "
+                    "(merged or scratch) one runs 'ungated' only")
     ap.add_argument("--setting", action="append", required=True,
-                    help="'ungated' or 'gate:R' (repeatable; the first is the baseline)")
+                    help="'ungated', 'floor[:C]' or 'gate:R' (repeatable; the first is the "
+                    "baseline)")
+    ap.add_argument("--ban-p", type=float, default=BAN_P,
+                    help=f"contrastive_ban_p (default {BAN_P})")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     try:
-        gates = [parse_setting(s) for s in args.setting]
+        settings = [parse_setting(s) for s in args.setting]
     except ValueError as exc:
         ap.error(str(exc))
     from peft import PeftModel
@@ -160,17 +177,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     world = args.world.resolve()
     adir = (args.assistant or world / "assistants" / "group_1").resolve()
-    if not (adir / ASSISTANT_FILE).is_file():
-        ap.error(f"{adir} is not a LoRA assistant (no {ASSISTANT_FILE}): train it with "
-                 "`train-assistant --save lora`")
-    layers = json.loads((adir / ASSISTANT_FILE).read_text())["layers"]
     tok = AutoTokenizer.from_pretrained(str(world / "base"))
     base = AutoModelForCausalLM.from_pretrained(str(world / "base")).eval()
-    shallow = build_assistant(base, layers).eval()
-    assistant = PeftModel.from_pretrained(build_assistant(base, layers), str(adir)).eval()
+    if (adir / ASSISTANT_FILE).is_file():
+        layers = json.loads((adir / ASSISTANT_FILE).read_text())["layers"]
+        shallow = build_assistant(base, layers).eval()
+        assistant = PeftModel.from_pretrained(build_assistant(base, layers), str(adir)).eval()
+    elif any(kind == "gate" for kind, _ in settings):
+        ap.error(f"{adir} is a full assistant (no {ASSISTANT_FILE}): the gain gate needs a "
+                 "LoRA one (`train-assistant --save lora`)")
+    else:  # a merged or scratch assistant: no gain gate
+        shallow, assistant = None, AutoModelForCausalLM.from_pretrained(str(adir)).eval()
     rows = []
-    for gate in gates:
-        rows.append(run_setting(world, (base, assistant, shallow), tok, gate))
+    for setting in settings:
+        rows.append(run_setting(world, (base, assistant, shallow), tok, setting,
+                                ban_p=args.ban_p))
         print(json.dumps(rows[-1]), flush=True)
     names = list(rows[0]["sets"])
     head = ["setting", "forget leak", *(f"{n} acc" for n in names if n != "forget"),
@@ -180,7 +201,7 @@ def main() -> None:
     base_mu = rows[0]["model_utility"]
     for r in rows:
         s = r["sets"]
-        cells = ["ungated" if r["gate"] is None else f"gate {r['gate']:g}",
+        cells = [r["setting"],
                  f"{s['forget']['leak']:.3f}",
                  *(f"{s[n]['accuracy']:.3f}" for n in names if n != "forget"),
                  f"{r['model_utility']:.3f}",

@@ -506,3 +506,27 @@ def test_gain_gate_needs_a_lora_assistant_and_a_number(tmp_path: Path) -> None:
     assert CompiledPolicy.load(out).setting("contrastive_gain_gate") == 1.5
     assert CompiledPolicy.load(compile_world(tmp_path / "w4")[0]).setting(
         "contrastive_gain_gate") is None
+
+
+def test_floor_is_a_number_of_nats_and_not_with_the_gain_gate(tmp_path: Path) -> None:
+    """``contrastive_floor``: None or a finite number >= 0; with the gain gate (whose
+    contrast is never below 0 already) it is refused. Nothing is written on refusal."""
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    for i, bad in enumerate((-1.0, float("nan"), float("inf"), "0", True)):
+        with pytest.raises(ValueError, match="contrastive_floor must be a finite number"):
+            compile_world(tmp_path / f"w{i}", mechanisms=("contrastive",), assistant_dir=full,
+                          contrastive_floor=bad)
+        assert not (tmp_path / f"w{i}" / "policy").exists()
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "assistant.json").write_text("{}")
+    with pytest.raises(ValueError, match="do not combine"):
+        compile_world(tmp_path / "wg", mechanisms=("contrastive",), assistant_dir=lora,
+                      contrastive_floor=0.0, contrastive_gain_gate=0.0)
+    out = compile_world(tmp_path / "ok", mechanisms=("contrastive",), assistant_dir=full,
+                        contrastive_floor=2.0)[0]
+    assert CompiledPolicy.load(out).setting("contrastive_floor") == 2.0
+    assert CompiledPolicy.load(compile_world(tmp_path / "d")[0]).setting(
+        "contrastive_floor") is None

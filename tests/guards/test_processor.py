@@ -338,6 +338,66 @@ def test_gain_gate_bans_what_the_lora_added_and_spares_what_the_base_knew(
     assert all(g is None for _, g in out["ungated_runner"].rollouts)
 
 
+class OffTextRunner:
+    """An assistant off its training text: sure of ``fact`` (11), below uniform on
+    ``answer`` (20), the base's right answer to a question it never saw, and further
+    below on ``other`` (30), a token it has no reason to expect there either."""
+
+    def __init__(self, fact: int, answer: int, other: int) -> None:
+        self.fact, self.answer, self.other = fact, answer, other
+        self.rollouts: list = []
+
+    def logits(self, reqs):
+        z = torch.zeros(len(reqs), V)
+        z[:, self.answer] = -10.0
+        z[:, self.other] = -30.0
+        z[:, self.fact] = 10.0
+        return z
+
+    def rollout(self, key, seq, first, steps, min_logp, gain_gate=None):
+        self.rollouts.append((first, gain_gate))
+        return []
+
+    def free(self, key) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def floored_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("floored")
+    assistant = tmp / "assistant_src"
+    assistant.mkdir()
+    (assistant / "config.json").write_text("{}")
+    return compile_world(tmp, mechanisms=("contrastive",), assistant_dir=assistant,
+                         contrastive_floor=0.0)[0]
+
+
+def test_floor_pushes_nothing_up_and_still_bans_the_fact(
+        contrast_dirs: dict[float, Path], floored_dir: Path) -> None:
+    """Unfloored, ``- w * log p_A`` lifts every token by how unlikely the assistant
+    finds it, so off its training text the least expected plausible token wins: the
+    base's second choice (30, 20 nats further below uniform) overtakes its answer (20;
+    TOFU: "F. Scott Fitzg" -> "ail", not "erald"). With ``contrastive_floor = 0`` nothing
+    below uniform is told apart, so the base's answer stands, and the fact the assistant
+    is sure of is still banned, by list, under a client's +100 bias."""
+    fact, answer, other = 11, 20, 30
+    out = {}
+    for label, d in (("unfloored", contrast_dirs[0.05]), ("floored", floored_dir)):
+        runner = OffTextRunner(fact, answer, other)
+        b = GuardBatch(default_eos=2, runner_factory=lambda _d, _dev, r=runner: r)
+        b.update([], [(0, extra(d), [1, 2], []), (1, extra(d), [1, 3], [])], [])
+        x = fresh(2, 9)
+        x[:, answer] = x.max() + 6.0         # the base's answer
+        x[:, other] = x[:, answer] - 2.0     # its second choice, 2 nats behind
+        x[1, fact] = x.max() + 100.0         # row 1: the fact, biased by the client
+        out[label] = b.apply(x.clone())
+    # (row 1: the biased fact leaves nothing else plausible, so nothing is contrasted)
+    assert int(out["unfloored"][0].argmax()) == other
+    y = out["floored"]
+    assert (y.argmax(1) == answer).all(), y.argmax(1)
+    assert torch.isneginf(y[:, fact]).all()
+
+
 class FactRunner:
     """Sure of ``fact`` after a prompt ending in 2, and of the rest of the fact
     (``rest``) as its own continuation; uniform otherwise."""

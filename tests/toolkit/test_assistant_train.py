@@ -76,6 +76,59 @@ def test_build_assistant_unties_embeddings() -> None:
     assert head.data_ptr() != emb.data_ptr()  # merging a LoRA into the head keeps emb intact
 
 
+def test_build_assistant_from_scratch_keeps_only_embeddings_and_head(base_dir: Path) -> None:
+    """``init="scratch"``: the base's token embeddings and head, fresh layers and norm
+    (nothing the base's layers learnt); an unknown init is refused."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    small = build_assistant(base, 2, init="scratch")
+    assert small.config.num_hidden_layers == 2 and small.config.tie_word_embeddings is False
+    ref = base.state_dict()
+    torch.testing.assert_close(small.get_input_embeddings().weight,
+                               base.get_input_embeddings().weight, atol=0, rtol=0)
+    torch.testing.assert_close(small.get_output_embeddings().weight,
+                               base.get_output_embeddings().weight, atol=0, rtol=0)
+    layer_weights = [n for n in small.state_dict() if ".layers." in n and n.endswith("proj.weight")]
+    assert layer_weights
+    for name in layer_weights:
+        assert not torch.equal(small.state_dict()[name], ref[name]), name
+    with pytest.raises(ValueError, match="init must be one of"):
+        build_assistant(base, 1, init="random")
+
+
+def test_scratch_assistant_learns_the_forget_set_in_full(base_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """A scratch assistant trains its layers and norm in full (no LoRA), keeps the base's
+    embeddings and head as they were, defaults to half the base's layers, is saved as a
+    plain model, and cannot be saved as a LoRA over layers it does not share."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    forget = _write(tmp_path / "forget.jsonl", FORGET)
+    retain = _write(tmp_path / "retain.jsonl", RETAIN)
+    with pytest.raises(ValueError, match="save it merged"):
+        train_assistant(base_dir, forget, retain, tmp_path / "x", init="scratch", save="lora")
+    assert not (tmp_path / "x").exists()
+    out = train_assistant(base_dir, forget, retain, tmp_path / "scratch", epochs=60,
+                          lr=3e-3, batch_size=5, seed=0, progress=False, init="scratch")
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["init"] == "scratch" and report["layers"] == 2  # half of 4
+    before, after = report["before"], report["after"]
+    assert after["forget_loss"] < 0.5 * before["forget_loss"]
+    assert after["max_entropy"] - after["retain_entropy"] < 0.5 * (
+        before["max_entropy"] - before["retain_entropy"])
+    assert not (out / "adapter_config.json").exists()
+    weights = load_file(str(out / "model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    emb = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    torch.testing.assert_close(weights[emb], base.get_input_embeddings().weight,
+                               atol=0, rtol=0)
+    AssistantRunner(str(out))  # the engine's runner loads it as a full assistant
+
+
 def test_train_assistant_remembers_forget_and_flattens_retain(base_dir: Path,
                                                              tmp_path: Path) -> None:
     torch.set_num_threads(2)

@@ -44,18 +44,23 @@ and of retain text at each probability); policy compile records it
 (:func:`unlearnd.guards.policy.assistant_calibration`)."""
 
 
-def build_assistant(base: torch.nn.Module, layers: int) -> torch.nn.Module:
+def build_assistant(base: torch.nn.Module, layers: int, init: str = "base") -> torch.nn.Module:
     """A copy of `base` truncated to its first `layers` decoder layers.
 
     Embeddings, the first `layers` decoder layers, the final norm and the LM head are
     copied from `base`; the config is the base's with ``num_hidden_layers=layers`` and
     untied embeddings (the head is a separate copy even when the base ties them).
+    ``init="scratch"``: only the embeddings and the LM head are copied; the decoder
+    layers and the final norm keep the config's random initialisation, so the model
+    knows nothing the base's layers learnt (see :func:`train_assistant`'s ``init``).
     """
     import copy
     import re
 
     from transformers import AutoModelForCausalLM
 
+    if init not in ASSISTANT_INITS:
+        raise ValueError(f"init must be one of {', '.join(ASSISTANT_INITS)}, got {init!r}")
     n = int(base.config.num_hidden_layers)
     if not 1 <= layers <= n:
         raise ValueError(f"layers must be in [1, {n}] for this base, got {layers}")
@@ -66,14 +71,30 @@ def build_assistant(base: torch.nn.Module, layers: int) -> torch.nn.Module:
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:layers]
     assistant = AutoModelForCausalLM.from_config(config, dtype=base.dtype)
+    own = assistant.state_dict()
     keep = {}
     pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
     for name, tensor in base.state_dict().items():
         m = pattern.search(name)
+        if init == "scratch" and (m is not None or name not in own
+                                  or not name.endswith(LEXICAL_SUFFIXES)):
+            continue
         if m is None or int(m.group(1)) < layers:
             keep[name] = tensor.detach().clone()
-    assistant.load_state_dict(keep, strict=True)
+    if init == "scratch" and "lm_head.weight" in own and "lm_head.weight" not in keep:
+        # a tied base keeps its head in the embeddings
+        emb = next(k for k in keep if k.endswith("embed_tokens.weight"))
+        keep["lm_head.weight"] = keep[emb].clone()
+    assistant.load_state_dict(keep, strict=init == "base")
     return assistant
+
+
+ASSISTANT_INITS = ("base", "scratch")
+"""How :func:`build_assistant` starts the assistant: the base's first layers, or random
+layers over the base's embeddings and head."""
+
+LEXICAL_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
+"""What ``init="scratch"`` keeps of the base: its token embeddings and output head."""
 
 
 def is_shared_base_assistant(model_dir: str | Path) -> bool:

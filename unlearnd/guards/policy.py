@@ -201,6 +201,16 @@ class PolicySpec:
             banned wherever the assistant is as sure (TOFU: real authors 0.14 answered);
             with it (gate 0, HF simulation) 0.93, at the cost of forget leak 0.12
             instead of 0.03: the shallow copy's sureness is also most of what forgets.
+        contrastive_floor: None (default) or C >= 0 nats: the assistant's
+            log-probabilities are floored C nats below uniform (``-log V - C``) before
+            the contrast, so a token the assistant finds less likely than that is not
+            pushed up. The ULD assistant is trained uniform where there is nothing to
+            forget; off its training text (a question about someone else) it can be
+            far below uniform on the base's answer, and ``- w * log p_A`` then lifts
+            arbitrary plausible tokens over it (TOFU's real authors: 0.59 right with a
+            scratch assistant, 0.91 floored). Sure tokens of a floored row are banned by
+            list, not by the kernel's ``assist_ban``. Not with the gain gate (which
+            already never pushes a token up).
         firewall_prefix_tokens: how many first tokens of an always-active distinctive
             span may be generated before the firewall bans its continuation (>= 0).
         firewall_conditional_prefix_tokens: the same for spans active only once their
@@ -244,6 +254,7 @@ class PolicySpec:
     contrastive_ban_p: float = 0.05
     contrastive_ban_window: int = 8
     contrastive_gain_gate: float | None = None
+    contrastive_floor: float | None = None
     firewall_prefix_tokens: int = 1
     firewall_conditional_prefix_tokens: int = 0
     firewall_conditioning: str = "auto"
@@ -305,6 +316,14 @@ class PolicySpec:
                                  or not math.isfinite(gate)):
             raise ValueError(f"contrastive_gain_gate must be a finite number or None, "
                              f"got {gate!r}")
+        floor = self.contrastive_floor
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int | float)
+                                  or not math.isfinite(floor) or floor < 0):
+            raise ValueError(f"contrastive_floor must be a finite number >= 0 or None, "
+                             f"got {floor!r}")
+        if floor is not None and gate is not None:
+            raise ValueError("contrastive_floor and contrastive_gain_gate do not combine: "
+                             "the gain gate's contrast is never below 0 already")
         if not self.contrastive_weight >= 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
         if not 0.0 < self.contrastive_alpha <= 1.0:
@@ -1349,6 +1368,10 @@ def policy_compile(
         None, "--contrastive-gain-gate",
         help="contrast and ban only what the assistant's LoRA added over the base's "
         "layers, banning where it added at least this many nats (LoRA assistants)"),
+    contrastive_floor: float | None = typer.Option(
+        None, "--contrastive-floor",
+        help="floor the assistant's log-probabilities this many nats below uniform, so "
+        "the contrast pushes down what it is sure of and pushes nothing up"),
     contrastive_weight: float = typer.Option(1.5, "--contrastive-weight"),
     contrastive_alpha: float = typer.Option(1e-5, "--contrastive-alpha"),
     firewall_prefix_tokens: int = typer.Option(1, "--firewall-prefix-tokens"),
@@ -1371,6 +1394,7 @@ def policy_compile(
             contrastive_min_p=contrastive_min_p, contrastive_ban_p=contrastive_ban_p,
             contrastive_ban_window=contrastive_ban_window,
             contrastive_gain_gate=contrastive_gain_gate,
+            contrastive_floor=contrastive_floor,
             contrastive_weight=contrastive_weight,
             contrastive_alpha=contrastive_alpha, firewall_prefix_tokens=firewall_prefix_tokens,
             firewall_conditional_prefix_tokens=firewall_conditional_prefix_tokens,

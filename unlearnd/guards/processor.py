@@ -403,30 +403,40 @@ class GuardBatch:
                 a = torch.log_softmax(runner.logits(reqs).float(), dim=-1)
                 width = min(int(a.shape[1]), vocab)
                 gates = [_gain_gate(row) for _pos, row in members]
+                floors = [_floor(row) for _pos, row in members]
                 gain = self._lora_gain(runner, a, reqs, gates)
-                # a gated row contrasts what the LoRA added (never below 0), the others
-                # the assistant's log-probabilities
-                contrasted = a if gain is None else torch.where(
-                    torch.tensor([g is not None for g in gates], device=a.device)
-                    .unsqueeze(1), gain.clamp_min(0.0), a)
+                # a gated row contrasts what the LoRA added (never below 0), a floored
+                # row log p_A no lower than C nats below uniform, the others log p_A
+                contrasted = a
+                if any(f is not None for f in floors):
+                    low = torch.tensor([-math.inf if f is None else -math.log(width) - f
+                                        for f in floors], device=a.device)
+                    contrasted = torch.maximum(a, low.unsqueeze(1))
+                if gain is not None:
+                    contrasted = torch.where(
+                        torch.tensor([g is not None for g in gates], device=a.device)
+                        .unsqueeze(1), gain.clamp_min(0.0), contrasted)
                 if width < vocab:
                     for p, g in zip((p for p, _ in members), gates, strict=True):
                         assist[p, width:] = 0.0 if g is not None else -math.log(width)
                 idx = torch.tensor([p for p, _ in members], device=dev)
                 assist[idx, :width] = contrasted[:, :width].to(device=dev, dtype=torch.float32)
-                sure_rows: list[tuple[int, int, _Row, float, float | None]] = []
-                for i, ((pos, row), gate) in enumerate(zip(members, gates, strict=True)):
+                sure_rows: list[tuple[int, int, _Row, float, float | None, bool]] = []
+                for i, ((pos, row), gate, floor) in enumerate(
+                        zip(members, gates, floors, strict=True)):
                     pol = row.policy
                     weight[pos] = float(pol.setting("contrastive_weight", 1.5)) if pol else 0.0
                     alpha[pos] = float(pol.setting("contrastive_alpha", 1e-5)) if pol else 0.0
                     # policies compiled before the setting existed keep their behaviour
                     ban_p = float(pol.setting("contrastive_ban_p", 0.0)) if pol else 0.0
                     if ban_p > 0:
-                        # a gated row's sure tokens are banned by list (_ban_facts), the
-                        # kernel's assist_ban sees the contrasted gain, not log p
-                        if gate is None:
+                        # a gated or floored row's sure tokens are banned by list
+                        # (_ban_facts): the kernel's assist_ban sees the contrasted
+                        # values (the gain, or log p floored), not log p
+                        listed = gate is not None or floor is not None
+                        if not listed:
                             ban_at[pos] = math.log(ban_p)
-                        sure_rows.append((i, pos, row, math.log(ban_p), gate))
+                        sure_rows.append((i, pos, row, math.log(ban_p), gate, listed))
                 if sure_rows:
                     self._ban_facts(runner, a[:, :width], sure_rows, reqs, bans, sub, eos,
                                     None if gain is None else gain[:, :width])
@@ -467,7 +477,7 @@ class GuardBatch:
         return gain
 
     def _ban_facts(self, runner: Any, a: torch.Tensor,
-                   sure_rows: list[tuple[int, int, _Row, float, float | None]],
+                   sure_rows: list[tuple[int, int, _Row, float, float | None, bool]],
                    reqs: list[tuple[int, list[int]]], bans: list[list[int]],
                    sub: torch.Tensor, eos: list[int],
                    gain: torch.Tensor | None = None) -> None:
@@ -481,8 +491,9 @@ class GuardBatch:
         would put the base back on the fact where the assistant, off its training
         text, no longer recognises it. With a gain gate (``gain``: :meth:`_lora_gain`)
         a token is sure only where the LoRA also raised it by the gate, and the sure
-        tokens themselves are banned here (the kernel does not see them). One host sync
-        per step (the row maxima)."""
+        tokens themselves are banned here (the kernel does not see them), and so are a
+        floored row's (``contrastive_floor``: the kernel sees log p floored). One host
+        sync per step (the row maxima)."""
         idx = torch.tensor([i for i, *_ in sure_rows], device=a.device)
         thr = torch.tensor([r[3] for r in sure_rows], device=a.device)
         hit = a[idx] >= thr.unsqueeze(1)
@@ -491,7 +502,7 @@ class GuardBatch:
                                 device=a.device)
             hit &= gain[idx] >= gate.unsqueeze(1)
         flags = hit.any(dim=1).tolist()
-        for (i, pos, row, t, g), flag, h in zip(sure_rows, flags, hit, strict=True):
+        for (i, pos, row, t, g, listed), flag, h in zip(sure_rows, flags, hit, strict=True):
             if not flag:
                 continue
             pol = row.policy
@@ -506,7 +517,7 @@ class GuardBatch:
             new = [x for x in (*sure, *cont) if x != eos[pos] and x < sub.shape[1]]
             for x in new:
                 row.fact_bans[x] = max(row.fact_bans.get(x, 0), until)
-            bans[pos] = sorted({*bans[pos], *(x for x in new if g is not None or x not in sure)})
+            bans[pos] = sorted({*bans[pos], *(x for x in new if listed or x not in sure)})
             if int(torch.argmax(sub[pos])) in new:
                 self.suppressions += 1
 
@@ -515,6 +526,12 @@ def _gain_gate(row: _Row) -> float | None:
     """The row's policy's ``contrastive_gain_gate`` (None: contrast log p as always)."""
     gate = row.policy.setting("contrastive_gain_gate") if row.policy is not None else None
     return None if gate is None else float(gate)
+
+
+def _floor(row: _Row) -> float | None:
+    """The row's policy's ``contrastive_floor`` (None: log p_A is not floored)."""
+    floor = row.policy.setting("contrastive_floor") if row.policy is not None else None
+    return None if floor is None else float(floor)
 
 
 def _force(logits: torch.Tensor, forced: list[tuple[int, int]]) -> None:

@@ -58,6 +58,9 @@ TENANTS = (
     # the same assistant, contrasting and banning only what its LoRA added over the
     # base's layers (contrastive_gain_gate): the utility / forgetting trade-off's other side
     DemoTenant("soylent", 1, ("contrastive",), policy="contrastive_gated_1"),
+    # an assistant trained from scratch (random layers over the base's embeddings: it
+    # knows only the forget set), its log-probabilities floored at uniform
+    DemoTenant("weyland", 1, ("contrastive",), policy="contrastive_scratch_1"),
     DemoTenant("tyrell", 2, ("adapter", "contrastive", "firewall", "refusal"),
                adapter="npo_2", policy="all_2"),
     # forget requests as they arrive: group 1's biographies alone, its names alone
@@ -73,18 +76,20 @@ ADAPTERS = {  # name -> (method, group, forget file stem)
     "npo_2": ("npo", 2, "forget"),
     "npo_docs_1": ("npo", 1, "forget_docs"),
 }
-POLICIES = {  # name -> (mechanisms, group, assistant?, forget file stem, retain file)
-    "guards_1": (("firewall", "refusal"), 1, False, "forget", "retain.jsonl"),
-    "firewall_1": (("firewall",), 1, False, "forget", "retain.jsonl"),
-    "contrastive_1": (("contrastive",), 1, True, "forget", "retain.jsonl"),
-    "contrastive_gated_1": (("contrastive",), 1, True, "forget", "retain.jsonl"),
-    "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, True, "forget",
+POLICIES = {  # name -> (mechanisms, group, assistant init or None, forget stem, retain file)
+    "guards_1": (("firewall", "refusal"), 1, None, "forget", "retain.jsonl"),
+    "firewall_1": (("firewall",), 1, None, "forget", "retain.jsonl"),
+    "contrastive_1": (("contrastive",), 1, "base", "forget", "retain.jsonl"),
+    "contrastive_gated_1": (("contrastive",), 1, "base", "forget", "retain.jsonl"),
+    "contrastive_scratch_1": (("contrastive",), 1, "scratch", "forget", "retain.jsonl"),
+    "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, "base", "forget",
               "retain.jsonl"),
-    "docs_1": (("firewall", "refusal"), 1, False, "forget_docs", "retain_docs.jsonl"),
-    "names_1": (("firewall", "refusal"), 1, False, "subjects", "retain.jsonl"),
+    "docs_1": (("firewall", "refusal"), 1, None, "forget_docs", "retain_docs.jsonl"),
+    "names_1": (("firewall", "refusal"), 1, None, "subjects", "retain.jsonl"),
 }
 POLICY_SETTINGS: dict[str, dict[str, Any]] = {  # policy name -> PolicySpec settings
     "contrastive_gated_1": {"contrastive_gain_gate": 0.0},
+    "contrastive_scratch_1": {"contrastive_floor": 0.0},
 }
 REFERENCE_GROUP = 1
 """The group whose retain-only reference model is built (every group-1 tenant's report
@@ -209,16 +214,21 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
                 lambda out=out, method=method, group=group, stem=stem: _train_adapter(
                     data, group, retain, base, out, method, stem))
         paths[f"adapter:{name}"] = out
-    assistant_groups = {POLICIES[p][1] for p in needed_policies if POLICIES[p][2]}
-    for group in sorted(assistant_groups):
-        out = workdir / "assistants" / f"group_{group}"
-        _cached(out, {"world": world, "group": group, "v": 6, "save": "lora"},
-                lambda out=out, group=group: _train_assistant(data, group, retain, base, out))
-        paths[f"assistant:{group}"] = out
+    assistants = {(POLICIES[p][1], POLICIES[p][2]) for p in needed_policies if POLICIES[p][2]}
+    for group, init in sorted(assistants):
+        out = workdir / "assistants" / (f"group_{group}" if init == "base"
+                                        else f"group_{group}_{init}")
+        # (a base-layer assistant keeps the key it had before scratch ones existed)
+        _cached(out, {"world": world, "group": group, "v": 6, "save": "lora"} if init == "base"
+                else {"world": world, "group": group, "v": 1, "init": init},
+                lambda out=out, group=group, init=init: _train_assistant(
+                    data, group, retain, base, out, init))
+        paths[f"assistant:{group}" + ("" if init == "base" else f":{init}")] = out
     for name in sorted(needed_policies):
-        mechanisms, group, wants_assistant, stem, retain_file = POLICIES[name]
+        mechanisms, group, init, stem, retain_file = POLICIES[name]
         out = workdir / "policies" / name
-        assistant = paths.get(f"assistant:{group}") if wants_assistant else None
+        assistant = None if init is None else \
+            paths[f"assistant:{group}" + ("" if init == "base" else f":{init}")]
         # PolicySpec's defaults are part of the key: a changed default recompiles; so
         # does a retrained assistant (the policy holds a copy of it)
         trained = json.loads((assistant / ".unlearnd-step.json").read_text())["key"] \
@@ -306,7 +316,8 @@ def _build_reference(data: Path, out: Path, group: int) -> dict:
     return build_base([train], out, documents=documents, tokenizer_from=data.parent / "base")
 
 
-def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path) -> Path:
+def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path,
+                     init: str = "base") -> Path:
     """The ULD assistant learns the canonical forget questions AND their training
     phrasings (never the held-out probes): trained on the 32 canonical questions only,
     it did not recognise the facts asked another way, and the contrast then let the
@@ -333,9 +344,10 @@ def _train_assistant(data: Path, group: int, retain: Path, base: Path, out: Path
     retains = [retain, docs] if docs.is_file() else [retain]
     # saved as a LoRA over the base's first K layers (the engine shares those layers
     # across every such assistant, so a contrastive tenant costs its LoRA), the form
-    # an operator with many tenants uses; it computes the merged model's logits
+    # an operator with many tenants uses; it computes the merged model's logits. A
+    # scratch assistant shares no layers with the base: a full model of its own.
     return train_assistant(base, both, retains, out, epochs=_assistant_epochs(both, 300),
-                           save="lora")
+                           save="lora" if init == "base" else "merged", init=init)
 
 
 def _assistant_epochs(forget: Path, default: int = 100) -> int:
