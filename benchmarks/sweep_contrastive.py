@@ -1,7 +1,8 @@
-"""Contrastive decoding's forget/utility trade-off: the gain gate, per setting.
+"""Contrastive decoding's forget/utility trade-off: the gain gate and the floor, per setting.
 
 On a world `unlearnd demo --forget ... --extra ...` built with a contrastive tenant
-(its ``base/``, ``data/`` and the LoRA assistant in ``assistants/group_1``), decodes
+(its ``base/``, ``data/`` and the LoRA assistant in ``assistants/group_1``, or any
+assistant ``--assistant`` names: a full one, merged or ``--init scratch``), decodes
 every forget, retain and utility question greedily with the contrast simulated in HF
 (the policy defaults: weight 1.5, plausibility alpha 1e-5, min-p cut 0.7, ban at
 p_A >= 0.05; not the ban window or the rollout, which the server adds) once per
@@ -11,7 +12,11 @@ setting:
   ``w * log p_A`` and ban what the assistant is sure of;
 - ``gate:R``: ``contrastive_gain_gate = R``: subtract ``w * max(0, log p_A - log p_S)``
   (``S``: the assistant's base layers without its LoRA) and ban where p_A >= 0.05 and
-  the LoRA raised the token by R nats or more.
+  the LoRA raised the token by R nats or more (LoRA assistants only);
+- ``floor`` / ``floor:C``: ``contrastive_floor = C`` (0 by default): subtract
+  ``w * max(log p_A, -log V - C)``, so nothing below C nats under uniform is lifted.
+
+``--ban-p`` sets ``contrastive_ban_p`` for every setting.
 
 Prints a table (leak, accuracy, gibberish per set; Model Utility, the harmonic mean of
 the retain and utility accuracies, and its ratio to the first setting's, measured in
@@ -19,6 +24,8 @@ the same run).
 
     python benchmarks/sweep_contrastive.py --world work/tofu \\
         --setting ungated --setting gate:-1 --setting gate:0 --setting gate:1
+    python benchmarks/sweep_contrastive.py --world work/tofu \\
+        --assistant work/tofu/assistants/group_1_scratch --setting ungated --setting floor
 
 Not the server's numbers (`unlearnd eval` through the API is); on TOFU the ungated
 row matches the server's cyberdyne row (leak 0.033, real authors 0.14 here, 0.12
@@ -116,7 +123,8 @@ def decode(models: tuple[Any, Any, Any], tok: Any, questions: list[str],
 
 
 def run_setting(world: Path, models: tuple[Any, Any, Any], tok: Any,
-                setting: tuple[str, float | None], batch: int = 64, ban_p: float = BAN_P) -> dict[str, Any]:
+                setting: tuple[str, float | None], batch: int = 64,
+                ban_p: float = BAN_P) -> dict[str, Any]:
     from unlearnd.toolkit.evaluate import (
         is_correct,
         is_gibberish,
@@ -169,6 +177,8 @@ def main() -> None:
         settings = [parse_setting(s) for s in args.setting]
     except ValueError as exc:
         ap.error(str(exc))
+    if not 0.0 <= args.ban_p < 1.0:
+        ap.error(f"--ban-p must be in [0, 1), got {args.ban_p}")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

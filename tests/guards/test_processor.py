@@ -29,14 +29,20 @@ def _no_signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
 
 
-@pytest.fixture(scope="module")
-def pdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("proc")
+def contrast_policy(tmp: Path, mechanisms: tuple[str, ...] = ("contrastive",),
+                    assistant_file: str = "config.json", **settings) -> Path:
+    """A policy compiled in `tmp` with a stand-in assistant dir (``config.json``: a full
+    model, ``assistant.json``: a LoRA over the base's layers); the runners are fakes."""
     assistant = tmp / "assistant_src"
     assistant.mkdir()
-    (assistant / "config.json").write_text("{}")
-    return compile_world(tmp, mechanisms=("refusal", "firewall", "contrastive"),
-                         assistant_dir=assistant)[0]
+    (assistant / assistant_file).write_text("{}")
+    return compile_world(tmp, mechanisms=mechanisms, assistant_dir=assistant, **settings)[0]
+
+
+@pytest.fixture(scope="module")
+def pdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return contrast_policy(tmp_path_factory.mktemp("proc"),
+                           ("refusal", "firewall", "contrastive"))
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +234,8 @@ class PeakedRunner:
 def contrast_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
     out = {}
     for ban_p in (0.05, 0.0):
-        tmp = tmp_path_factory.mktemp(f"ban{ban_p}")
-        assistant = tmp / "assistant_src"
-        assistant.mkdir()
-        (assistant / "config.json").write_text("{}")
-        out[ban_p] = compile_world(tmp, mechanisms=("contrastive",), assistant_dir=assistant,
-                                   contrastive_ban_p=ban_p)[0]
+        out[ban_p] = contrast_policy(tmp_path_factory.mktemp(f"ban{ban_p}"),
+                                     contrastive_ban_p=ban_p)
     return out
 
 
@@ -300,12 +302,8 @@ class LoraRunner:
 
 @pytest.fixture(scope="module")
 def gated_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("gated")
-    assistant = tmp / "assistant_src"
-    assistant.mkdir()
-    (assistant / "assistant.json").write_text("{}")  # a LoRA over the base's layers
-    return compile_world(tmp, mechanisms=("contrastive",), assistant_dir=assistant,
-                         contrastive_gain_gate=0.0)[0]
+    return contrast_policy(tmp_path_factory.mktemp("gated"), assistant_file="assistant.json",
+                           contrastive_gain_gate=0.0)
 
 
 def test_gain_gate_bans_what_the_lora_added_and_spares_what_the_base_knew(
@@ -364,12 +362,7 @@ class OffTextRunner:
 
 @pytest.fixture(scope="module")
 def floored_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("floored")
-    assistant = tmp / "assistant_src"
-    assistant.mkdir()
-    (assistant / "config.json").write_text("{}")
-    return compile_world(tmp, mechanisms=("contrastive",), assistant_dir=assistant,
-                         contrastive_floor=0.0)[0]
+    return contrast_policy(tmp_path_factory.mktemp("floored"), contrastive_floor=0.0)
 
 
 def test_floor_pushes_nothing_up_and_still_bans_the_fact(
