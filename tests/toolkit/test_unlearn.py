@@ -358,6 +358,29 @@ def test_documents_are_unlearnt_as_text(world: dict[str, Path]) -> None:
     assert not (world["root"] / "x").exists(), "a refused run must write nothing"
 
 
+def test_retain_qa_and_retain_documents_are_streams_of_their_own(
+        world: dict[str, Path]) -> None:
+    """With retain QA and retain documents, each step scores a batch of each, each with
+    its own mean (pooled, a few documents among many questions were rarely drawn); one
+    retain set is one stream, as before."""
+    docs = _write_jsonl(world["root"] / "forget_docs2.jsonl",
+                        [{"text": " ".join(r["answer"] for r in FORGET)}])
+    retain_docs = _write_jsonl(world["root"] / "retain_docs.jsonl",
+                               [{"text": " ".join(r["answer"] for r in RETAIN)}])
+    report = unlearn.train_adapter(world["base"], docs, [world["retain"], retain_docs],
+                                   world["root"] / "npo_two", method="npo", batch_size=2,
+                                   max_steps=2, evaluate=False, progress=False)
+    assert report["retain_streams"] == 2
+    for rec in (report["first"], report["last"]):
+        assert rec["retain_qa_nll"] > 0 and rec["retain_document_nll"] > 0
+        assert rec["retain_nll"] == pytest.approx(
+            (rec["retain_qa_nll"] + rec["retain_document_nll"]) / 2)
+    one = unlearn.train_adapter(world["base"], docs, world["retain"], world["root"] / "npo_one",
+                                method="npo", batch_size=2, max_steps=1, evaluate=False,
+                                progress=False)
+    assert one["retain_streams"] == 1 and "retain_document_nll" not in one["first"]
+
+
 def test_cli_reports_bad_forget_input(world: dict[str, Path], tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner

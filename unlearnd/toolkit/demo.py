@@ -209,8 +209,11 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         method, group, stem = ADAPTERS[name]
         out = workdir / "adapters" / name
         # The method's defaults are part of the key: changing them retrains.
+        # an adapter unlearning documents keeps retain QA and documents as two streams
+        # (retrained for it); the QA adapters' training is what it was
         _cached(out, {"world": world, "method": method, "group": group, "v": 6,
-                      "stem": stem, "defaults": asdict(DEFAULTS[method])},
+                      "stem": stem, "defaults": asdict(DEFAULTS[method]),
+                      **({"retain_streams": 2} if stem == "forget_docs" else {})},
                 lambda out=out, method=method, group=group, stem=stem: _train_adapter(
                     data, group, retain, base, out, method, stem))
         paths[f"adapter:{name}"] = out

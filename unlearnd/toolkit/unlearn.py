@@ -871,8 +871,12 @@ def train_adapter(
         for (ids, labels), (_, ref_labels) in zip(forget_enc, refusal_enc, strict=True):
             keep = {t for t in ref_labels if t != -100}
             ascent_enc.append((ids, [-100 if t in keep else t for t in labels]))
-    retain_enc = [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
-    retain_enc += text_examples(tokenizer, retain_texts)
+    # retain QA and retain documents are streams of their own, a batch of each every
+    # step: pooled, the demo world's 12 retain biographies were 1 in 9 of the retain
+    # rows, and the documents adapter recited them at VerbMem 0.79 of the base's
+    retain_streams = [enc for enc in (
+        [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows],
+        text_examples(tokenizer, retain_texts)) if enc]
     n_forget = len(forget_enc)
     counterfactual: list[dict[str, str]] = []
     if hp["counterfactuals"] > 0 and retain_rows and forget_rows:
@@ -916,6 +920,7 @@ def train_adapter(
         "refusal_names_subject": refusal_names_subject,
         "subjects": sorted(set(subjects)),
         "refusal_example": refusals[0] if refusals else None,
+        "retain_streams": len(retain_streams),
         "n_counterfactual": len(counterfactual),
         "counterfactual_examples": counterfactual[:5],
     }
@@ -960,7 +965,7 @@ def train_adapter(
         optim, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total) ** 0.5
     )
 
-    retain_order: list[int] = []
+    retain_orders: list[list[int]] = [[] for _ in retain_streams]
     cf_order: list[int] = []
     history: list[dict[str, float]] = []
     t_train = time.perf_counter()
@@ -973,7 +978,11 @@ def train_adapter(
         for idx in _batches(order, batch_size):
             if step >= total:
                 break
-            r_idx, retain_order = _next_cycled(retain_order, len(retain_enc), batch_size, rng)
+            r_idx: list[list[int]] = []
+            for k, stream in enumerate(retain_streams):
+                got, retain_orders[k] = _next_cycled(retain_orders[k], len(stream), batch_size,
+                                                     rng)
+                r_idx.append(got)
             c_idx: list[int] = []
             if cf_enc:
                 c_idx, cf_order = _next_cycled(cf_order, len(cf_enc), batch_size, rng)
@@ -1002,15 +1011,22 @@ def train_adapter(
                     ab = _collate(tokenizer, [ascent_enc[i] for i in idx], dev)
                     a_mask = ab["labels"][:, 1:] != -100
                     ascent_term = bounded_ascent_loss(f_tok * a_mask, a_mask, hp["ascent_ceiling"])
-            rb = _collate(tokenizer, [retain_enc[i] for i in r_idx]
-                          + [cf_enc[i] for i in c_idx], dev)
+            rb = _collate(tokenizer, [stream[i] for stream, got in zip(retain_streams, r_idx,
+                                                                       strict=True)
+                                      for i in got] + [cf_enc[i] for i in c_idx], dev)
             r_logp, r_n = sequence_logprobs(
                 model, rb["input_ids"], rb["labels"], rb["attention_mask"]
             )
             r_nll = -r_logp / r_n
-            # each stream its own mean: the retain rows keep their weight beside them
-            retain_nll = r_nll[: len(r_idx)].mean()
-            cf_nll = r_nll[len(r_idx):].mean() if c_idx else None
+            # each stream its own mean: the retain rows keep their weight beside the
+            # counterfactuals, the retain documents theirs beside the retain QA (the
+            # retain streams are averaged: the retain weight is the whole retain set's)
+            ends = [0]
+            for got in r_idx:
+                ends.append(ends[-1] + len(got))
+            stream_nll = [r_nll[a:b].mean() for a, b in zip(ends, ends[1:], strict=False)]
+            retain_nll = torch.stack(stream_nll).mean()
+            cf_nll = r_nll[ends[-1]:].mean() if c_idx else None
             retain_term = retain_nll if cf_nll is None else retain_nll + cf_nll
             loss = hp["forget_weight"] * forget_term + hp["retain_weight"] * retain_term
             if ascent_term is not None:
@@ -1030,6 +1046,8 @@ def train_adapter(
             }
             if cf_nll is not None:
                 rec["counterfactual_nll"] = cf_nll.item()
+            if len(stream_nll) > 1:
+                rec["retain_qa_nll"], rec["retain_document_nll"] = (x.item() for x in stream_nll)
             if method == "reasoning":
                 rec["refusal_nll"] = refusal_nll.item()
             history.append(rec)
