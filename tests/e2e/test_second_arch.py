@@ -62,8 +62,10 @@ def _build(root: Path, kind: str) -> dict:
     t = time.monotonic()
     data = root / "data"
     synthesize(data, authors=6, seed=0, groups=1, group_size=2)
+    # the budget only bounds a base that never reaches its target (training stops at
+    # it): at 1.5 min a loaded 2-core machine stopped the SentencePiece base at EM 0.68
     report = build_base([data / "train.jsonl"], root / "base", hidden=192, layers=3, heads=3,
-                        vocab_size=1024, epochs=40, max_minutes=1.5, progress=False,
+                        vocab_size=1024, epochs=40, max_minutes=6.0, progress=False,
                         **BASES[kind])
     times["base"] = time.monotonic() - t
     base, forget, retain = root / "base", data / "forget_1.jsonl", data / "retain.jsonl"
