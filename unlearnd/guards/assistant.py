@@ -71,17 +71,15 @@ def build_assistant(base: torch.nn.Module, layers: int, init: str = "base") -> t
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:layers]
     assistant = AutoModelForCausalLM.from_config(config, dtype=base.dtype)
-    own = assistant.state_dict()
     keep = {}
     pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.")
     for name, tensor in base.state_dict().items():
-        m = pattern.search(name)
-        if init == "scratch" and (m is not None or name not in own
-                                  or not name.endswith(LEXICAL_SUFFIXES)):
+        if init == "scratch" and not name.endswith(LEXICAL_SUFFIXES):
             continue
+        m = pattern.search(name)
         if m is None or int(m.group(1)) < layers:
             keep[name] = tensor.detach().clone()
-    if init == "scratch" and "lm_head.weight" in own and "lm_head.weight" not in keep:
+    if init == "scratch" and "lm_head.weight" not in keep:
         # a tied base keeps its head in the embeddings
         emb = next(k for k in keep if k.endswith("embed_tokens.weight"))
         keep["lm_head.weight"] = keep[emb].clone()

@@ -219,19 +219,17 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         paths[f"adapter:{name}"] = out
     assistants = {(POLICIES[p][1], POLICIES[p][2]) for p in needed_policies if POLICIES[p][2]}
     for group, init in sorted(assistants):
-        out = workdir / "assistants" / (f"group_{group}" if init == "base"
-                                        else f"group_{group}_{init}")
+        out = workdir / "assistants" / f"group_{_assistant_key(group, init)}"
         # (a base-layer assistant keeps the key it had before scratch ones existed)
         _cached(out, {"world": world, "group": group, "v": 6, "save": "lora"} if init == "base"
                 else {"world": world, "group": group, "v": 1, "init": init},
                 lambda out=out, group=group, init=init: _train_assistant(
                     data, group, retain, base, out, init))
-        paths[f"assistant:{group}" + ("" if init == "base" else f":{init}")] = out
+        paths[f"assistant:{_assistant_key(group, init)}"] = out
     for name in sorted(needed_policies):
         mechanisms, group, init, stem, retain_file = POLICIES[name]
         out = workdir / "policies" / name
-        assistant = None if init is None else \
-            paths[f"assistant:{group}" + ("" if init == "base" else f":{init}")]
+        assistant = None if init is None else paths[f"assistant:{_assistant_key(group, init)}"]
         # PolicySpec's defaults are part of the key: a changed default recompiles; so
         # does a retrained assistant (the policy holds a copy of it)
         trained = json.loads((assistant / ".unlearnd-step.json").read_text())["key"] \
@@ -247,6 +245,12 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
                     **POLICY_SETTINGS.get(name, {})))
         paths[f"policy:{name}"] = out
     return paths
+
+
+def _assistant_key(group: int, init: str) -> str:
+    """The name of group `group`'s assistant of this init in ``paths`` and under
+    ``assistants/`` (a base-layer one keeps the name it had before scratch ones)."""
+    return str(group) if init == "base" else f"{group}_{init}"
 
 
 def _policy_defaults() -> dict[str, Any]:

@@ -965,8 +965,9 @@ def train_adapter(
         optim, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total) ** 0.5
     )
 
-    retain_orders: list[list[int]] = [[] for _ in retain_streams]
-    cf_order: list[int] = []
+    # the counterfactuals are the last stream, drawn after the retain ones
+    streams = retain_streams + ([cf_enc] if cf_enc else [])
+    orders: list[list[int]] = [[] for _ in streams]
     history: list[dict[str, float]] = []
     t_train = time.perf_counter()
     model.train()
@@ -978,14 +979,10 @@ def train_adapter(
         for idx in _batches(order, batch_size):
             if step >= total:
                 break
-            r_idx: list[list[int]] = []
-            for k, stream in enumerate(retain_streams):
-                got, retain_orders[k] = _next_cycled(retain_orders[k], len(stream), batch_size,
-                                                     rng)
-                r_idx.append(got)
-            c_idx: list[int] = []
-            if cf_enc:
-                c_idx, cf_order = _next_cycled(cf_order, len(cf_enc), batch_size, rng)
+            drawn: list[list[int]] = []
+            for k, stream in enumerate(streams):
+                got, orders[k] = _next_cycled(orders[k], len(stream), batch_size, rng)
+                drawn.append(got)
 
             ascent_term: torch.Tensor | None = None
             fb = _collate(tokenizer, [forget_enc[i] for i in idx], dev)
@@ -1011,9 +1008,9 @@ def train_adapter(
                     ab = _collate(tokenizer, [ascent_enc[i] for i in idx], dev)
                     a_mask = ab["labels"][:, 1:] != -100
                     ascent_term = bounded_ascent_loss(f_tok * a_mask, a_mask, hp["ascent_ceiling"])
-            rb = _collate(tokenizer, [stream[i] for stream, got in zip(retain_streams, r_idx,
+            rb = _collate(tokenizer, [stream[i] for stream, got in zip(streams, drawn,
                                                                        strict=True)
-                                      for i in got] + [cf_enc[i] for i in c_idx], dev)
+                                      for i in got], dev)
             r_logp, r_n = sequence_logprobs(
                 model, rb["input_ids"], rb["labels"], rb["attention_mask"]
             )
@@ -1021,12 +1018,10 @@ def train_adapter(
             # each stream its own mean: the retain rows keep their weight beside the
             # counterfactuals, the retain documents theirs beside the retain QA (the
             # retain streams are averaged: the retain weight is the whole retain set's)
-            ends = [0]
-            for got in r_idx:
-                ends.append(ends[-1] + len(got))
-            stream_nll = [r_nll[a:b].mean() for a, b in zip(ends, ends[1:], strict=False)]
+            means = [part.mean() for part in r_nll.split([len(got) for got in drawn])]
+            stream_nll = means[:len(retain_streams)]
             retain_nll = torch.stack(stream_nll).mean()
-            cf_nll = r_nll[ends[-1]:].mean() if c_idx else None
+            cf_nll = means[-1] if cf_enc else None
             retain_term = retain_nll if cf_nll is None else retain_nll + cf_nll
             loss = hp["forget_weight"] * forget_term + hp["retain_weight"] * retain_term
             if ascent_term is not None:
