@@ -164,7 +164,7 @@ def main() -> None:
                     help="a workdir `unlearnd demo --forget ... --extra ...` built")
     ap.add_argument("--assistant", type=Path,
                     help="the assistant (default: WORLD/assistants/group_1); a full "
-                    "(merged or scratch) one runs 'ungated' only")
+                    "(merged or scratch) one runs no 'gate:R' setting")
     ap.add_argument("--setting", action="append", required=True,
                     help="'ungated', 'floor[:C]' or 'gate:R' (repeatable; the first is the "
                     "baseline)")
