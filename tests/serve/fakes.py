@@ -300,12 +300,14 @@ class FakeGuards:
     the subject (False: a nameless description, the subject stays internal).
     `disclose`: False for a policy whose refusals must look like not knowing.
     `top_logprobs`: False when the policy withholds top alternatives.
+    `continue_completions`: an in-scope completion is continued, not refused (the real
+    pipeline's ``in_scope_completions: continue``).
     """
 
     def __init__(self, *, trigger: str = "Voldemort", mechanisms: tuple[str, ...] = (
             "firewall", "refusal"), fail_check: bool = False, suppressed: int = 0,
                  named: bool = True, disclose: bool = True,
-                 top_logprobs: bool = True) -> None:
+                 top_logprobs: bool = True, continue_completions: bool = False) -> None:
         if not trigger:
             raise ValueError(f"trigger must be non-empty, got {trigger!r}")
         self.trigger = trigger
@@ -315,9 +317,11 @@ class FakeGuards:
         self.named = named
         self.disclose = disclose
         self.top_logprobs_allowed = top_logprobs
+        self.continue_completions = continue_completions
         self.checked: list[list[dict]] = []
 
-    def check(self, messages: list[dict], version: str, policy_dir: str) -> GuardResult:
+    def check(self, messages: list[dict], version: str, policy_dir: str,
+              kind: str = "chat") -> GuardResult:
         from unlearnd.guards.scope import messages_text
 
         self.checked.append(messages)
@@ -325,9 +329,12 @@ class FakeGuards:
             raise RuntimeError("scope guard exploded")
         # every text the real guard reads: str content, content parts, tool-call args
         hit = any(self.trigger in t for t in messages_text(messages))
+        refuse = hit and not (self.continue_completions and kind == "completions")
         extra = {"unlearnd_policy_dir": policy_dir, "unlearnd_version": version,
-                 "unlearnd_in_scope": int(hit), "unlearnd_item": 0 if hit else -1}
-        if hit:
+                 "unlearnd_in_scope": int(refuse), "unlearnd_item": 0 if refuse else -1}
+        if hit and not refuse:  # continued: the firewall bans the item's spans
+            extra["unlearnd_mentioned"] = [0]
+        if refuse:
             extra["unlearnd_refusal_ids"] = [5, 6, 7]
         return GuardResult("in_scope" if hit else "out_of_scope",
                            f"mentions {self.trigger}" if hit else "no forget subject",
@@ -337,7 +344,7 @@ class FakeGuards:
                            mention=self.trigger if hit and self.named else None,
                            internal_reason="describes Lord Voldemort" if hit else "",
                            disclose=self.disclose,
-                           refusal_text=REFUSAL_TEXT if hit else None)
+                           refusal_text=REFUSAL_TEXT if refuse else None)
 
     def suppressions(self, prompt_ids: Any, output_ids: Any, item: int = -1) -> int:
         return self.suppressed

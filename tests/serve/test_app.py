@@ -453,6 +453,29 @@ def test_in_scope_request_reports_decision_and_sends_extra_args(app) -> None:
     assert app.state.metrics.scope_decisions.labels("acme", "out_of_scope")._value.get() == 1
 
 
+def test_in_scope_completion_continued_under_the_firewall_when_the_policy_says(app) -> None:
+    """``in_scope_completions: continue``: an in-scope completion goes to the engine as
+    a continuation (no refusal ids, its item active for the firewall), counted in scope
+    but not as a refusal; chat about the same subject is still refused."""
+    register(app, "acme", policy=make_policy_dir(app.config.state_dir.parent / "pc",
+                                                 trigger="Voldemort",
+                                                 continue_completions=True))
+    r = app.client.post(COMP, json={"prompt": "Voldemort was born in", "max_tokens": 4},
+                        headers=app.auth("acme"))
+    assert r.status_code == 200, r.text
+    assert r.json()["unlearning"]["decision"] == "in_scope"
+    extra = app.engine.calls[-1].params.extra_args
+    assert extra["unlearnd_in_scope"] == 0 and "unlearnd_refusal_ids" not in extra
+    assert extra["unlearnd_mentioned"] == [0]
+    assert app.state.metrics.refusals.labels("acme")._value.get() == 0
+    assert app.state.metrics.scope_decisions.labels("acme", "in_scope")._value.get() == 1
+    r = app.client.post(CHAT, json={"messages": [{"role": "user", "content":
+                                                  "Where was Voldemort born?"}]},
+                        headers=app.auth("acme"))
+    assert app.engine.calls[-1].params.extra_args["unlearnd_in_scope"] == 1
+    assert app.state.metrics.refusals.labels("acme")._value.get() == 1
+
+
 def test_unnamed_subject_and_withheld_decisions_stay_out_of_the_response(app) -> None:
     """The `unlearning` block says no more than the refusal text: the subject behind a
     nameless question (and its item index) stay in the operators' log."""

@@ -105,6 +105,7 @@ nothing was removed. ``{subject}`` as in :data:`DEFAULT_REFUSAL_TEMPLATE`."""
 
 REFUSAL_STYLES = ("explained", "ignorant")
 TOP_LOGPROBS = ("allow", "deny")
+IN_SCOPE_COMPLETIONS = ("refuse", "continue")
 
 DEFAULT_EMBEDDING_SIMILARITY = {"hashing": 0.95, "minilm": 0.85}
 """Per-embedder default of ``PolicySpec.embedding_similarity``."""
@@ -157,6 +158,18 @@ class PolicySpec:
             top alternatives (chat ``top_logprobs`` > 0, completions ``logprobs`` > 0).
             Adapter unlearning is shallow: the alternatives of an adapter tenant can
             still carry forgotten answers (README, "Security").
+        in_scope_completions: "refuse" (default) or "continue": what an in-scope raw
+            ``/v1/completions`` prompt gets (chat and Responses requests in scope are
+            refused either way). "continue" (needs the firewall): the text is continued,
+            the matched subject's fact spans banned whatever the context says and the
+            forget documents' runs banned by the verbatim firewall, as a model that never
+            read them would continue it, instead of a refusal a model that never knew
+            would not write (MUSE's VerbMem: a biography's opening names its subject,
+            so a refusing tenant scores the refusal). What it gives up: in-scope
+            completions are no longer refused, so there a fact said in words no span
+            holds is stopped only by what the weights forgot (an adapter), as for a
+            firewall-only tenant; a chat template written by hand into a completions
+            prompt is a completion too.
         mechanisms: subset of :data:`MECHANISMS`.
         scope_threshold: combined scope score at or above which a request is in scope.
         fuzzy_ratio: rapidfuzz ratio (0-100) at or above which a misspelt word counts as
@@ -243,6 +256,7 @@ class PolicySpec:
     refusal_unnamed_subject: str = DEFAULT_UNNAMED_SUBJECT
     ignorant_template: str = DEFAULT_IGNORANT_TEMPLATE
     top_logprobs: str = "allow"
+    in_scope_completions: str = "refuse"
     mechanisms: tuple[str, ...] = ("refusal", "firewall")
     scope_threshold: float = 0.6
     fuzzy_ratio: float = 80.0
@@ -298,6 +312,13 @@ class PolicySpec:
         if self.top_logprobs not in TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be one of {TOP_LOGPROBS}, "
                              f"got {self.top_logprobs!r}")
+        if self.in_scope_completions not in IN_SCOPE_COMPLETIONS:
+            raise ValueError(f"in_scope_completions must be one of {IN_SCOPE_COMPLETIONS}, "
+                             f"got {self.in_scope_completions!r}")
+        if self.in_scope_completions == "continue" and "firewall" not in self.mechanisms:
+            raise ValueError("in_scope_completions 'continue' needs the 'firewall' "
+                             "mechanism: without it an in-scope completion would be served "
+                             f"with nothing banned (mechanisms {list(self.mechanisms)})")
         if not self.refusal_unnamed_subject.strip():
             raise ValueError("refusal_unnamed_subject must be non-empty")
         try:
@@ -1357,6 +1378,10 @@ def policy_compile(
     refusal_style: str = typer.Option("explained", "--refusal-style",
                                       help="explained or ignorant"),
     top_logprobs: str = typer.Option("allow", "--top-logprobs", help="allow or deny"),
+    in_scope_completions: str = typer.Option(
+        "refuse", "--in-scope-completions",
+        help="refuse, or continue an in-scope /v1/completions prompt under the firewall "
+        "(needs it) instead of refusing; chat is refused either way"),
     contrastive_min_p: float = typer.Option(0.7, "--contrastive-min-p"),
     contrastive_ban_p: float = typer.Option(
         0.05, "--contrastive-ban-p",
@@ -1391,6 +1416,7 @@ def policy_compile(
             forget, retain, base, out, mechanisms=mech, assistant_dir=assistant, kind=kind,
             name=name, embedder=embedder, scope_threshold=scope_threshold,
             refusal_style=refusal_style, top_logprobs=top_logprobs,
+            in_scope_completions=in_scope_completions,
             contrastive_min_p=contrastive_min_p, contrastive_ban_p=contrastive_ban_p,
             contrastive_ban_window=contrastive_ban_window,
             contrastive_gain_gate=contrastive_gain_gate,

@@ -503,7 +503,7 @@ class _Generation:
                 try:
                     conv = edge.conversation(kind, body, st.tokenizer.decode)
                     self.pipeline = await sp.guards.get()
-                    guard = self.pipeline.check(conv, sp.version, sp.policy_dir)
+                    guard = self.pipeline.check(conv, sp.version, sp.policy_dir, kind)
                 except APIError:  # the request's own fault (edge.conversation): a 4xx
                     raise
                 except Exception as e:  # noqa: BLE001 - fail closed
@@ -541,7 +541,7 @@ class _Generation:
         info = _unlearning(tenant, sp, guard)
         version = sp.version or "none"
         structured = edge.is_structured(kind, body)
-        if guard is not None and guard.in_scope and structured:
+        if guard is not None and guard.refused and structured:
             text = guard.refusal_text or ""
             n_ref = len(guard.extra_args.get("unlearnd_refusal_ids") or ())
             n_prompt = self._prompt_tokens(conv)
@@ -636,7 +636,7 @@ class _Generation:
                                                  or usage.get("input_tokens") or 0))
             m.generation_tokens.labels(name).inc(int(usage.get("completion_tokens")
                                                      or usage.get("output_tokens") or 0))
-        if guard is not None and guard.in_scope and "refusal" in sp.mechanisms:
+        if guard is not None and guard.refused and "refusal" in sp.mechanisms:
             m.refusals.labels(name).inc()
         if self.pipeline is not None and prompt_ids is not None and output_ids:
             item = guard.item if guard and guard.in_scope else -1

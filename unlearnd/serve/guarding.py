@@ -34,11 +34,17 @@ class GuardResult:
     mention: str | None = None     # ... in these words (the user's own)
     internal_reason: str = ""      # for logs: may name the subject behind the question
     disclose: bool = True          # False: refusal_style "ignorant", no per-request detail
-    refusal_text: str | None = None  # in scope: the rendered refusal (its ids are in extra)
+    refusal_text: str | None = None  # refused: the rendered refusal (its ids are in extra)
 
     @property
     def in_scope(self) -> bool:
         return self.decision == "in_scope"
+
+    @property
+    def refused(self) -> bool:
+        """In scope and answered with the refusal (not an in-scope completion the policy
+        continues under the firewall: ``in_scope_completions: continue``)."""
+        return self.in_scope and self.refusal_text is not None
 
     def public(self) -> dict[str, Any]:
         """What the response's ``unlearning`` block may say about the decision: no more
@@ -85,8 +91,14 @@ class GuardPipeline:
             raise ValueError(f"policy at {policy_dir} cannot be loaded: {e}") from e
         return cls(policy, scope, mentions)
 
-    def check(self, messages: list[dict], version: str, policy_dir: str) -> GuardResult:
-        """Decide scope for the whole conversation and build the engine's extra_args."""
+    def check(self, messages: list[dict], version: str, policy_dir: str,
+              kind: str = "chat") -> GuardResult:
+        """Decide scope for the whole conversation and build the engine's extra_args.
+
+        ``kind`` is the endpoint ("chat", "completions", "responses"): an in-scope
+        completion is continued, not refused, under ``in_scope_completions: continue``
+        (the engine gets ``unlearnd_in_scope`` 0 and the matched item among the
+        mentioned ones, so the firewall bans its spans whatever the context)."""
         from unlearnd.guards.refusal import render_refusal
 
         t0 = time.perf_counter()
@@ -107,7 +119,13 @@ class GuardPipeline:
         d = self.scope.check(messages)
         if firewall:  # the same alias matches, found once by the decision
             extra["unlearnd_mentioned"] = list(d.named_items)
-        if d.in_scope:
+        refusal = None
+        if d.in_scope and kind == "completions" and firewall and \
+                self.policy.setting("in_scope_completions", "refuse") == "continue":
+            if int(d.item) >= 0:
+                extra["unlearnd_mentioned"] = sorted({*extra["unlearnd_mentioned"],
+                                                      int(d.item)})
+        elif d.in_scope:
             extra["unlearnd_in_scope"] = 1
             extra["unlearnd_item"] = int(d.item)
             refusal = render_refusal(self.policy, d)
@@ -116,7 +134,7 @@ class GuardPipeline:
                            float(d.score), int(d.item), d.subject, extra,
                            time.perf_counter() - t0, named=d.named, mention=d.mention,
                            internal_reason=d.internal_reason, disclose=disclose,
-                           refusal_text=refusal if d.in_scope else None)
+                           refusal_text=refusal)
 
     @property
     def top_logprobs_allowed(self) -> bool:
