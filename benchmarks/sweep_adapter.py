@@ -17,6 +17,8 @@ refusal as a ratio to the first setting's (the baseline, measured in the same ru
         --setting forget_weight=1,counterfactuals=0 --setting forget_weight=5,counterfactuals=2
     python benchmarks/sweep_adapter.py --world work/tofu --method npo \
         --setting counterfactuals=0 --setting counterfactuals=2 [--json out.json]
+    python benchmarks/sweep_adapter.py --world work/tofu --method npo \
+        --setting default --setting forget_tokens=facts --setting forget_tokens=facts,fact_df=0.2
 
 Not the server's numbers (`unlearnd eval` through the API is): greedy HF text matches
 vLLM's here, but leak@8 draws its own samples. About 1.5 min per setting on 2 cores
@@ -45,7 +47,8 @@ def _sampled_leak(model: Any, tok: Any, rows: list[dict], k: int, seed: int) -> 
 
 SETTING_TYPES: dict[str, type] = {
     "forget_weight": float, "retain_weight": float, "ascent_weight": float, "lr": float,
-    "beta": float, "ascent_ceiling": float, "counterfactuals": int, "epochs": int}
+    "beta": float, "ascent_ceiling": float, "counterfactuals": int, "epochs": int,
+    "forget_tokens": str, "fact_df": float}
 """The hyper-parameters a setting may give (train_adapter's names)."""
 
 

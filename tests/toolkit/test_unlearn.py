@@ -233,6 +233,38 @@ def test_argument_validation(world: dict[str, Path]) -> None:
         _train(world, "reasoning", "bad", refusal_variants=0)
 
 
+def test_fact_labels_keep_what_neither_the_question_nor_the_retain_answers_say() -> None:
+    """Prompt tokens (the name the question gave) and tokens common in the retain
+    answers (the template, the EOS) are unlabelled; a row with nothing left keeps all."""
+    i = unlearn.IGNORE
+    # prompt 1 2 (the name: 2), answer 2 7 8 9 0 (name, "was born in"=7, facts 8 9, EOS 0)
+    enc = [([1, 2, 2, 7, 8, 9, 0], [i, i, 2, 7, 8, 9, 0]),
+           ([1, 3, 3, 7, 0], [i, i, 3, 7, 0])]          # all tokens said elsewhere
+    background = [[7, 5, 0], [7, 6, 0], [4, 0], [8, 0]]  # 7 in 2/4, 8 in 1/4, 0 in 4/4
+    out = unlearn.fact_labels(enc, background, max_df=0.25)
+    assert out[0] == (enc[0][0], [i, i, i, i, 8, 9, i])
+    assert out[1] == enc[1]
+    assert unlearn.fact_labels(enc, background, max_df=0.0)[0][1] == [i, i, i, i, i, 9, i]
+    with pytest.raises(ValueError, match="fact_df"):
+        unlearn.fact_labels(enc, background, max_df=1.5)
+
+
+def test_npo_on_facts_scores_fewer_tokens_and_is_refused_for_reasoning(
+        world: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="forget_tokens 'facts' is for npo"):
+        _train(world, "reasoning", "bad", forget_tokens="facts")
+    with pytest.raises(ValueError, match="forget_tokens must be one of"):
+        _train(world, "npo", "bad", forget_tokens="words")
+    with pytest.raises(ValueError, match="fact_df"):
+        _train(world, "npo", "bad", forget_tokens="facts", fact_df=-0.1)
+    full = _train(world, "npo", "npo_answer", max_steps=1)
+    facts = _train(world, "npo", "npo_facts", max_steps=1, forget_tokens="facts")
+    assert facts["forget_tokens"] == "facts" and full["forget_tokens"] == "answer"
+    # the same first batch, fewer tokens: a smaller summed log-prob gap to move, and a
+    # per-token NLL over the facts alone (rarer tokens: higher than the answer's mean)
+    assert facts["first"]["forget_nll"] != full["first"]["forget_nll"]
+
+
 def test_npo_loss_at_init_is_two_over_beta_log2(world: dict[str, Path]) -> None:
     beta = 0.5
     report = _train(world, "npo", "npo_init", beta=beta, max_steps=1)

@@ -128,6 +128,8 @@ class MethodDefaults:
     beta: float
     ascent_ceiling: float
     counterfactuals: int = 0
+    forget_tokens: str = "answer"
+    fact_df: float = 0.05
 
 
 _COMMON_DEFAULTS: dict[str, float] = {
@@ -498,6 +500,39 @@ def sequence_logprobs(
     return logp.sum(-1), mask.sum(-1).clamp_min(1)
 
 
+IGNORE = -100  # the label of a token no loss scores
+FORGET_TOKENS = ("answer", "facts")
+"""What the forget term of npo and graddiff scores: every answer token, or its facts."""
+
+
+def fact_labels(forget_enc: list[tuple[list[int], list[int]]],
+                background: list[list[int]], max_df: float
+                ) -> list[tuple[list[int], list[int]]]:
+    """The forget examples with only their fact tokens labelled (``forget_tokens:
+    facts``): an answer token stays labelled unless the example's own prompt holds it
+    (the subject's name the question gave, repeated) or more than ``max_df`` of the
+    ``background`` token sequences (the retain answers and documents) do (the answers'
+    template: "was born in", " The", the EOS). What is left is what the retain set does
+    not say: the facts. Pushing the template's tokens down too is what NPO's answer-level
+    loss also does to every answer of that shape (TOFU: real authors 0.96 -> 0.75).
+    Over token ids, so any tokenizer; a row left with no token keeps all its labels
+    (a fact made only of common tokens is still forgotten, with its template)."""
+    if not 0.0 <= max_df <= 1.0:
+        raise ValueError(f"fact_df must be in [0, 1], got {max_df!r}")
+    df: dict[int, int] = {}
+    for seq in background:
+        for t in set(seq):
+            df[t] = df.get(t, 0) + 1
+    limit = max_df * max(1, len(background))
+    out = []
+    for ids, labels in forget_enc:
+        prompt = {t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE}
+        kept = [lab if lab != IGNORE and lab not in prompt and df.get(lab, 0) <= limit
+                else IGNORE for lab in labels]
+        out.append((ids, kept if any(k != IGNORE for k in kept) else list(labels)))
+    return out
+
+
 def npo_loss(logp_policy: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
     """NPO loss ``-(2/beta) mean(log sigmoid(-beta (logp_policy - logp_ref)))``.
 
@@ -748,6 +783,8 @@ def train_adapter(
     refusal_variants: int = 1,
     refusal_names_subject: bool = True,
     counterfactuals: int | None = None,
+    forget_tokens: str | None = None,
+    fact_df: float | None = None,
     seed: int = 0,
     max_steps: int | None = None,
     eval_limit: int | None = 200,
@@ -807,7 +844,8 @@ def train_adapter(
         raise ValueError(f"target_modules must be non-empty, got {target_modules!r}")
     given = {"epochs": epochs, "lr": lr, "beta": beta, "retain_weight": retain_weight,
              "forget_weight": forget_weight, "ascent_weight": ascent_weight,
-             "ascent_ceiling": ascent_ceiling, "counterfactuals": counterfactuals}
+             "ascent_ceiling": ascent_ceiling, "counterfactuals": counterfactuals,
+             "forget_tokens": forget_tokens, "fact_df": fact_df}
     hp = {k: getattr(DEFAULTS[method], k) if v is None else v for k, v in given.items()}
     if hp["epochs"] < 1:
         raise ValueError(f"epochs must be >= 1, got {hp['epochs']}")
@@ -820,6 +858,14 @@ def train_adapter(
     for key in ("retain_weight", "forget_weight", "ascent_weight", "counterfactuals"):
         if hp[key] < 0:
             raise ValueError(f"{key} must be >= 0, got {hp[key]}")
+    if hp["forget_tokens"] not in FORGET_TOKENS:
+        raise ValueError(f"forget_tokens must be one of {FORGET_TOKENS}, "
+                         f"got {hp['forget_tokens']!r}")
+    if hp["forget_tokens"] == "facts" and method == "reasoning":
+        raise ValueError("forget_tokens 'facts' is for npo and graddiff: reasoning's "
+                         "forget term is the refusal, not the answer")
+    if not 0.0 <= hp["fact_df"] <= 1.0:
+        raise ValueError(f"fact_df must be in [0, 1], got {hp['fact_df']!r}")
 
     base_dir = Path(base_dir).resolve()
     out_dir = Path(out_dir)
@@ -862,6 +908,11 @@ def train_adapter(
         encode_chat_example(tokenizer, r["question"], t)
         for r, t in zip(forget_rows, refusals, strict=True)
     ]
+    if hp["forget_tokens"] == "facts":
+        background = [[t for t in labels if t != IGNORE] for _, labels in (
+            [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
+            + text_examples(tokenizer, retain_texts))]
+        forget_enc = fact_labels(forget_enc, background, hp["fact_df"])
     # reasoning's ascent must not unlearn what the refusal says (the subject's name,
     # "was", "about"...): answer tokens that also occur in the row's refusal are not
     # pushed up, only the rest of the answer (the fact)
@@ -1130,6 +1181,17 @@ def train_adapter_cmd(
                                  "with retain subjects and titles swapped in, answered as "
                                  "the base does and kept (0: none; default per method).")
     ] = None,
+    forget_tokens: Annotated[
+        str | None, typer.Option("--forget-tokens",
+                                 help="npo, graddiff: the forget term on every answer "
+                                 "token ('answer') or only on the facts ('facts': tokens "
+                                 "neither the question nor more than --fact-df of the "
+                                 "retain answers hold); default per method.")
+    ] = None,
+    fact_df: Annotated[
+        float | None, typer.Option("--fact-df", help="--forget-tokens facts: the share of "
+                                   "retain answers a token may be in and still be a fact.")
+    ] = None,
     eval_limit: Annotated[
         int, typer.Option("--eval-limit", help="Rows per set scored in the report (0: all).")
     ] = 200,
@@ -1164,7 +1226,7 @@ def train_adapter_cmd(
         batch_size=batch_size,
         seed=seed,
         refusal_names_subject=refusal_names_subject,
-        counterfactuals=counterfactuals,
+        counterfactuals=counterfactuals, forget_tokens=forget_tokens, fact_df=fact_df,
         eval_limit=eval_limit or None,
         evaluate=not no_eval,
         kind=kind,
