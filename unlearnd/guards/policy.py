@@ -169,7 +169,9 @@ class PolicySpec:
             completions are no longer refused, so there a fact said in words no span
             holds is stopped only by what the weights forgot (an adapter), as for a
             firewall-only tenant; a chat template written by hand into a completions
-            prompt is a completion too.
+            prompt is a completion too (demo world, a policy from biographies: the
+            attack suite's prefix_injection got 8 of 32 facts out, 0 refusing). Off
+            by default.
         mechanisms: subset of :data:`MECHANISMS`.
         scope_threshold: combined scope score at or above which a request is in scope.
         fuzzy_ratio: rapidfuzz ratio (0-100) at or above which a misspelt word counts as
