@@ -81,6 +81,7 @@ import torch.nn.functional as F
 import typer
 
 from unlearnd.guards.spans import lcs_length
+from unlearnd.toolkit.training import IGNORE_INDEX as IGNORE
 
 logger = logging.getLogger(__name__)
 
@@ -500,7 +501,6 @@ def sequence_logprobs(
     return logp.sum(-1), mask.sum(-1).clamp_min(1)
 
 
-IGNORE = -100  # the label of a token no loss scores
 FORGET_TOKENS = ("answer", "facts")
 """What the forget term of npo and graddiff scores: every answer token, or its facts."""
 
@@ -519,10 +519,7 @@ def fact_labels(forget_enc: list[tuple[list[int], list[int]]],
     (a fact made only of common tokens is still forgotten, with its template)."""
     if not 0.0 <= max_df <= 1.0:
         raise ValueError(f"fact_df must be in [0, 1], got {max_df!r}")
-    df: dict[int, int] = {}
-    for seq in background:
-        for t in set(seq):
-            df[t] = df.get(t, 0) + 1
+    df = Counter(t for seq in background for t in set(seq))
     limit = max_df * max(1, len(background))
     out = []
     for ids, labels in forget_enc:
@@ -908,10 +905,15 @@ def train_adapter(
         encode_chat_example(tokenizer, r["question"], t)
         for r, t in zip(forget_rows, refusals, strict=True)
     ]
-    if hp["forget_tokens"] == "facts":
-        background = [[t for t in labels if t != IGNORE] for _, labels in (
-            [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows]
-            + text_examples(tokenizer, retain_texts))]
+    # retain QA and retain documents are streams of their own, a batch of each every
+    # step: pooled, the demo world's 12 retain biographies were 1 in 9 of the retain
+    # rows, and the documents adapter recited them at VerbMem 0.79 of the base's
+    retain_streams = [enc for enc in (
+        [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows],
+        text_examples(tokenizer, retain_texts)) if enc]
+    if hp["forget_tokens"] == "facts":  # the retain examples, encoded once, as background
+        background = [[t for t in labels if t != IGNORE]
+                      for stream in retain_streams for _, labels in stream]
         forget_enc = fact_labels(forget_enc, background, hp["fact_df"])
     # reasoning's ascent must not unlearn what the refusal says (the subject's name,
     # "was", "about"...): answer tokens that also occur in the row's refusal are not
@@ -922,12 +924,6 @@ def train_adapter(
         for (ids, labels), (_, ref_labels) in zip(forget_enc, refusal_enc, strict=True):
             keep = {t for t in ref_labels if t != -100}
             ascent_enc.append((ids, [-100 if t in keep else t for t in labels]))
-    # retain QA and retain documents are streams of their own, a batch of each every
-    # step: pooled, the demo world's 12 retain biographies were 1 in 9 of the retain
-    # rows, and the documents adapter recited them at VerbMem 0.79 of the base's
-    retain_streams = [enc for enc in (
-        [encode_chat_example(tokenizer, r["question"], r["answer"]) for r in retain_rows],
-        text_examples(tokenizer, retain_texts)) if enc]
     n_forget = len(forget_enc)
     counterfactual: list[dict[str, str]] = []
     if hp["counterfactuals"] > 0 and retain_rows and forget_rows:
