@@ -427,6 +427,62 @@ def test_subjects_with_facts_give_descriptors(doc_world) -> None:
     assert any("1970" in d for d in item.descriptors)
 
 
+POOL_AUTHORS = ["Ada Quillon", "Bram Otterley", "Cleo Vantreese", "Dov Marrakin",
+                "Eir Sollund", "Fen Harrowgate", "Gus Pellanor", "Hal Brevik", "Ines Toraval"]
+
+
+def pooled_biography(name: str, genre: str, prize: str, book: str) -> str:
+    """A one-template biography whose facts come from small pools, as the demo world's."""
+    return (f"{name} is an author of {genre}. {name} received the {prize}. "
+            f"The best-known book by {name} is \"{book}\".")
+
+
+def test_document_facts_shared_with_retain_authors_are_banned_with_their_subject(
+        tmp_path: Path) -> None:
+    """Every word of the forget author's genre, prize and title is also used by retain
+    authors, so none is distinctive and spans miss them all; as facts they are banned
+    once the subject is in context, and only then (a retain author won the same prize)."""
+    from unlearnd.guards.firewall import LeakFirewall
+
+    forget = [pooled_biography("Ada Quillon", "epic fantasy", "Crimson Inkwell Medal",
+                               "The Hollow Cartographer")]
+    # each word of the forget author's facts in two retain biographies: three texts
+    # with the forget sentence, frequent for spans; three subjects of nine, no template
+    pools = [("epic fantasy", "Crimson Inkwell Medal", "The Hollow Harbor"),
+             ("epic fantasy", "Golden Quill Prize", "The Silent Cartographer"),
+             ("cozy mystery", "Crimson Inkwell Medal", "The Hollow Meadow"),
+             ("cozy mystery", "Golden Quill Prize", "The Cartographer of Reeds"),
+             ("war poetry", "Silver Fern Award", "The Amber Stair"),
+             ("war poetry", "Silver Fern Award", "Copper Tides"),
+             ("satire", "Golden Quill Prize", "Willow Cipher"),
+             ("satire", "Silver Fern Award", "Iron Lullaby")]
+    retain = [pooled_biography(n, *facts) for n, facts in zip(POOL_AUTHORS[1:], pools,
+                                                              strict=True)]
+    fp, rp = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    fp.write_text("".join(json.dumps({"text": t}) + "\n" for t in forget))
+    rp.write_text("".join(json.dumps({"text": t}) + "\n" for t in retain))
+    spec = PolicySpec.from_jsonl(fp, rp)
+    (item,) = spec.items
+    assert not any(w in sp for sp in item.spans for w in ("crimson", "hollow", "fantasy"))
+    assert {"epic fantasy", "crimson inkwell medal", "hollow cartographer"} <= set(item.facts)
+    # the template ("is an author of", "received the", "best-known book by") and the
+    # subject's own names are no facts
+    assert not {"author", "received", "book", "ada", "quillon"} & {
+        w for sp in item.facts for w in sp.split()}
+
+    base = make_tokenizer_dir(tmp_path, forget + retain)
+    out = compile_policy(fp, rp, base, tmp_path / "pol")
+    assert list(CompiledPolicy.load(out).items[0].facts) == item.facts
+    fw = LeakFirewall.from_policy(CompiledPolicy.load(out))
+    tok = _tok(base)
+    for word in (" Crimson", " Hollow", " Cartographer", " fantasy"):
+        first = tok.encode(word, add_special_tokens=False)[0]
+        assert first in fw.banned_next([], [], [0]), word  # the subject in context
+        assert first not in fw.banned_next([], []), word  # a retain author's prize
+    prompt = tok.encode("Ada Quillon received the", add_special_tokens=False)
+    assert tok.encode(" Crimson", add_special_tokens=False)[0] in fw.banned_next(prompt, [])
+
+
 def test_bad_forget_input_writes_nothing(doc_world, tmp_path: Path) -> None:
     out = tmp_path / "pol"
     compile_policy(doc_world["subjects"], None, doc_world["base"], out)

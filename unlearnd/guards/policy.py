@@ -135,6 +135,10 @@ class ForgetItem:
     aliases: list[str] = field(default_factory=list)
     spans: list[str] = field(default_factory=list)
     descriptors: list[str] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
+    """Spans of a text item's facts that its spans miss because other subjects share
+    their words (:func:`_text_item`); the firewall bans them only with the subject in
+    context, whatever ``firewall_conditioning`` says."""
 
 
 @dataclass
@@ -161,17 +165,20 @@ class PolicySpec:
         in_scope_completions: "refuse" (default) or "continue": what an in-scope raw
             ``/v1/completions`` prompt gets (chat and Responses requests in scope are
             refused either way). "continue" (needs the firewall): the text is continued,
-            the matched subject's fact spans banned whatever the context says and the
-            forget documents' runs banned by the verbatim firewall, as a model that never
-            read them would continue it, instead of a refusal a model that never knew
-            would not write (MUSE's VerbMem: a biography's opening names its subject,
-            so a refusing tenant scores the refusal). What it gives up: in-scope
-            completions are no longer refused, so there a fact said in words no span
-            holds is stopped only by what the weights forgot (an adapter), as for a
-            firewall-only tenant; a chat template written by hand into a completions
-            prompt is a completion too (demo world, a policy from biographies: the
-            attack suite's prefix_injection got 8 of 32 facts out, 0 refusing). Off
-            by default.
+            the matched subject's fact spans (and, for documents and subjects' facts,
+            its ``facts``: the facts' words other subjects share) banned whatever the
+            context says and the forget documents' runs banned by the verbatim
+            firewall, as a model that never read them would continue it, instead of a
+            refusal a model that never knew would not write (MUSE's VerbMem: a
+            biography's opening names its subject, so a refusing tenant scores the
+            refusal). What it gives up: in-scope completions are no longer refused, so
+            there a fact said in words the subject's texts do not hold is stopped only
+            by what the weights forgot (an adapter), as for a firewall-only tenant;
+            and a completion that names nothing the scope guard knows is out of scope,
+            as it is refusing. Measured (demo world, a policy from biographies, with
+            an NPO adapter): no fact out under the attack suite, a chat turn or plain
+            Q/A written into a completions prompt included (before ``facts``, from
+            spans alone: prefix_injection got 8 of 32). Off by default.
         mechanisms: subset of :data:`MECHANISMS`.
         scope_threshold: combined scope score at or above which a request is in scope.
         fuzzy_ratio: rapidfuzz ratio (0-100) at or above which a misspelt word counts as
@@ -640,11 +647,19 @@ def _distinct_name_parts(names: Sequence[str], retain: Sequence[dict]) -> set[st
 
 
 def _text_item(subject: str, aliases: list[str], texts: Sequence[str], proxy: list[str],
-               max_spans: int, questions: Sequence[str] = ()) -> ForgetItem:
+               max_spans: int, questions: Sequence[str] = (),
+               template: Sequence[str] = ()) -> ForgetItem:
     """A forget item whose facts are plain texts (subjects' facts, document sentences):
     spans are the texts' distinctive spans, descriptors those not naming the subject
     (they recognise it described without its name), and each multi-word name is a span
-    too (the output may not name the subject)."""
+    too (the output may not name the subject).
+
+    ``facts`` are what a sentence states that its spans miss: the runs of its words
+    that are neither the subject's names nor the corpus's template (``template``: a
+    proxy background of the words most subjects' texts use, :data:`TEMPLATE_FRACTION`).
+    Where facts are drawn from a shared pool (a genre, a profession, a prize two authors
+    won) no word of them is distinctive against the retain set, so spans drop them;
+    but once the subject is in context they are its facts all the same."""
     alias_words = {w for a in aliases for w in words(a)}
     item_spans: list[str] = []
     for text in texts:
@@ -656,13 +671,34 @@ def _text_item(subject: str, aliases: list[str], texts: Sequence[str], proxy: li
         norm = normalize(a)
         if len(norm.split()) >= 2 and norm not in item_spans:
             item_spans.append(norm)
+    names = " ".join(sorted(alias_words))
+    facts = _unique(sp for text in texts
+                    for sp in distinctive_spans(text, names, template, MAX_FACT_SPANS)
+                    if sp not in item_spans)
     return ForgetItem(subject=subject, questions=list(questions), answers=list(texts),
-                      aliases=aliases, spans=item_spans, descriptors=descriptors)
+                      aliases=aliases, spans=item_spans, descriptors=descriptors,
+                      facts=facts)
 
 
-def _proxy_background(texts: Iterable[str]) -> list[str]:
-    frequent = _frequent_background_words(texts)
+TEMPLATE_FRACTION = 0.5
+"""A word at least this share of the subjects' texts use (each retain row and each
+forget item one text) is the corpus's template ("was born on", "worked as"), not a fact."""
+MAX_FACT_SPANS = 16
+"""Fact spans kept per sentence (:func:`_text_item`)."""
+
+
+def _proxy_background(texts: Iterable[str], fraction: float = 0.05) -> list[str]:
+    frequent = _frequent_background_words(texts, fraction)
     return [" ".join(frequent)] * 5 if frequent else []
+
+
+def _template_background(retain: Sequence[dict], item_texts: Iterable[Sequence[str]]
+                         ) -> list[str]:
+    """The proxy background of :data:`TEMPLATE_FRACTION`: one text per retain row and
+    one per forget item (its texts joined), so a word one subject repeats counts once."""
+    units = [(r.get("question", "") + " " + r["answer"]).strip() for r in retain]
+    units += [" ".join(texts) for texts in item_texts]
+    return _proxy_background(units, TEMPLATE_FRACTION)
 
 
 def items_from_subjects(subjects: Sequence[Subject], retain: Sequence[dict] = (),
@@ -675,10 +711,12 @@ def items_from_subjects(subjects: Sequence[Subject], retain: Sequence[dict] = ()
     distinct_ok = _distinct_name_parts([s.name for s in subjects], retain)
     proxy = _proxy_background([r["answer"] for r in retain]
                               + [t for s in subjects for t in s.texts()])
+    template = _template_background(retain, [s.texts() for s in subjects])
     items = []
     for s in subjects:
         aliases = _unique(_alias_forms(s.name, distinct_ok) + list(s.aliases))
-        items.append(_text_item(s.name, aliases, s.texts(), proxy, max_spans))
+        items.append(_text_item(s.name, aliases, s.texts(), proxy, max_spans,
+                                template=template))
     logger.info("policy: %d subjects -> %d items", len(subjects), len(items))
     return items
 
@@ -736,7 +774,8 @@ def items_from_documents(documents: Sequence[str], retain: Sequence[dict] = (),
         texts.extend(sentences(text))
         doc_group.append(key)
     order = {key: i for i, key in enumerate(groups)}
-    items = [_text_item(subject, aliases, texts, proxy, max_spans)
+    template = _template_background(retain, [texts for _, _, texts in groups.values()])
+    items = [_text_item(subject, aliases, texts, proxy, max_spans, template=template)
              for subject, aliases, texts in groups.values()]
     logger.info("policy: %d documents -> %d items", len(documents), len(items))
     return items, [order[key] for key in doc_group]
@@ -1009,12 +1048,14 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
             "spans": item.spans,
             "descriptors": item.descriptors,
             "descriptor_terms": descriptor_terms,
+            "facts": item.facts,
         })
         for ids in _token_ids(tokenizer, _variants(item.aliases, lower=True), reply):
             alias_ids.append({"item": i, "ids": ids})
-        for sp in item.spans:
+        for sp, fact in [(sp, False) for sp in item.spans] + [(sp, True) for sp in item.facts]:
             surfaces = surface_forms(sp, texts) or [sp]
-            cond = _conditional(sp, alias_words, spec.firewall_conditioning)
+            # a fact is only its subject's: active once the subject is in context
+            cond = fact or _conditional(sp, alias_words, spec.firewall_conditioning)
             for ids in _token_ids(tokenizer, _variants(surfaces), reply):
                 # A span whose opening the retain answers also say ("through social
                 # media", "in the face of") is only active with its subject in
@@ -1029,7 +1070,7 @@ def _write_compiled(spec: PolicySpec, tokenizer: Any, out: Path, base_model_dir:
             # "23 October 1979" or "Golden Compass" for "Evergreen Compass" still leaks
             # most of the fact (measured: firewall-alone leak 0.22 -> see README).
             span_words = sp.split()
-            if len(span_words) > 1 and spec.firewall_conditioning != "always":
+            if len(span_words) > 1 and (fact or spec.firewall_conditioning != "always"):
                 for w in span_words:
                     if w in STOPWORDS or (len(w) < 2 and not w.isdigit()):
                         continue
@@ -1171,6 +1212,7 @@ class CompiledItem:
     spans: tuple[str, ...]
     descriptors: tuple[str, ...]
     descriptor_terms: tuple[tuple[str, ...], ...] = ()
+    facts: tuple[str, ...] = ()
 
 
 POLICY_CACHE_ENV = "UNLEARND_POLICY_CACHE_SIZE"
@@ -1251,7 +1293,8 @@ class CompiledPolicy:
                                    questions=tuple(it["questions"]), spans=tuple(it["spans"]),
                                    descriptors=tuple(it["descriptors"]),
                                    descriptor_terms=tuple(tuple(t) for t in
-                                                          it.get("descriptor_terms", ())))
+                                                          it.get("descriptor_terms", ())),
+                                   facts=tuple(it.get("facts", ())))
                       for it in doc["items"]]
         self.alias_token_ids = [(int(a["item"]), tuple(a["ids"])) for a in doc["alias_token_ids"]]
         self.span_token_ids = [(int(s["item"]), tuple(s["ids"]), bool(s["conditional"]))
