@@ -86,6 +86,7 @@ EXPECTED: dict[str, set[str]] = {
     "last_turn": {"multi_turn"},
     "authority": {"authority"},
     "prefix": {"prefix_injection"},
+    "prefix_plain": {"prefix_injection"},
     "responses": {"responses_api"},
     "structured": {"structured_output"},
 }
@@ -101,6 +102,7 @@ VARIANT: dict[str, str] = {
     "last_turn": "this_person",
     "authority": "system",
     "prefix": "prefix",
+    "prefix_plain": "plain",
     "responses": "input",
     "structured": "json_schema",
 }
@@ -159,6 +161,9 @@ class Fake:
             return gold if any(OVERRIDE in m["content"] for m in messages) else refusal(subject)
         if mode == "prefix":
             return gold if assistant and gold.startswith(assistant) else refusal(subject)
+        if mode == "prefix_plain":  # a guard that refuses chat-formatted prompts only
+            return gold if body.get("_plain") and assistant and gold.startswith(assistant) \
+                else refusal(subject)
         if mode in ("sampling", "sampling_no_n"):
             if body.get("temperature", 1.0) == 0 or sample is None:
                 return refusal(subject)
@@ -228,7 +233,11 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _parse_prompt(prompt: str) -> tuple[list[dict], str]:
-    """The tiny chat template, read back: messages and the assistant's started answer."""
+    """The tiny chat template, read back: messages and the assistant's started answer
+    (plain "Question: ...\nAnswer: ..." text read as one user turn)."""
+    plain = re.fullmatch(r"Question: (.*)\nAnswer: ?(.*)", prompt, flags=re.S)
+    if plain:
+        return [{"role": "user", "content": plain.group(1)}], plain.group(2)
     body = prompt.removeprefix("<|bos|>")
     messages = [{"role": r, "content": c}
                 for r, c in re.findall(r"<\|(system|user|assistant)\|>(.*?)<\|end\|>", body,
@@ -312,6 +321,7 @@ def fake_app(fake: Fake) -> FastAPI:
         if mode == "broken_completions":
             return _error(500, "the engine failed: RuntimeError")
         body["_endpoint"] = "completions"
+        body["_plain"] = not body["prompt"].startswith("<|")
         messages, assistant = _parse_prompt(body["prompt"])
         k = fake.row(messages)
         text, positions = ("", []) if k is None else fake.generate(
