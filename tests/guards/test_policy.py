@@ -437,13 +437,9 @@ def pooled_biography(name: str, genre: str, prize: str, book: str) -> str:
             f"The best-known book by {name} is \"{book}\".")
 
 
-def test_document_facts_shared_with_retain_authors_are_banned_with_their_subject(
-        tmp_path: Path) -> None:
-    """Every word of the forget author's genre, prize and title is also used by retain
-    authors, so none is distinctive and spans miss them all; as facts they are banned
-    once the subject is in context, and only then (a retain author won the same prize)."""
-    from unlearnd.guards.firewall import LeakFirewall
-
+def pooled_documents(tmp: Path) -> tuple[Path, Path, list[str]]:
+    """One forget biography (Ada Quillon) whose every fact word two retain biographies
+    also use: forget and retain JSONL paths, and every text (for a tokenizer)."""
     forget = [pooled_biography("Ada Quillon", "epic fantasy", "Crimson Inkwell Medal",
                                "The Hollow Cartographer")]
     # each word of the forget author's facts in two retain biographies: three texts
@@ -458,9 +454,20 @@ def test_document_facts_shared_with_retain_authors_are_banned_with_their_subject
              ("satire", "Silver Fern Award", "Iron Lullaby")]
     retain = [pooled_biography(n, *facts) for n, facts in zip(POOL_AUTHORS[1:], pools,
                                                               strict=True)]
-    fp, rp = tmp_path / "forget.jsonl", tmp_path / "retain.jsonl"
+    fp, rp = tmp / "forget.jsonl", tmp / "retain.jsonl"
     fp.write_text("".join(json.dumps({"text": t}) + "\n" for t in forget))
     rp.write_text("".join(json.dumps({"text": t}) + "\n" for t in retain))
+    return fp, rp, forget + retain
+
+
+def test_document_facts_shared_with_retain_authors_are_banned_with_their_subject(
+        tmp_path: Path) -> None:
+    """Every word of the forget author's genre, prize and title is also used by retain
+    authors, so none is distinctive and spans miss them all; as facts they are banned
+    once the subject is in context, and only then (a retain author won the same prize)."""
+    from unlearnd.guards.firewall import LeakFirewall
+
+    fp, rp, texts = pooled_documents(tmp_path)
     spec = PolicySpec.from_jsonl(fp, rp)
     (item,) = spec.items
     assert not any(w in sp for sp in item.spans for w in ("crimson", "hollow", "fantasy"))
@@ -470,7 +477,7 @@ def test_document_facts_shared_with_retain_authors_are_banned_with_their_subject
     assert not {"author", "received", "book", "ada", "quillon"} & {
         w for sp in item.facts for w in sp.split()}
 
-    base = make_tokenizer_dir(tmp_path, forget + retain)
+    base = make_tokenizer_dir(tmp_path, texts)
     out = compile_policy(fp, rp, base, tmp_path / "pol")
     assert list(CompiledPolicy.load(out).items[0].facts) == item.facts
     fw = LeakFirewall.from_policy(CompiledPolicy.load(out))

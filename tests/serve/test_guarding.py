@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.guards.test_policy import compile_world
+from tests.guards.test_policy import compile_world, make_tokenizer_dir, pooled_documents
 from unlearnd.guards.firewall import LeakFirewall
-from unlearnd.guards.policy import CompiledPolicy, PolicySpec, build_items
+from unlearnd.guards.policy import CompiledPolicy, PolicySpec, build_items, compile_policy
 from unlearnd.guards.processor import GuardBatch
 from unlearnd.serve.guarding import GuardPipeline
 
@@ -71,6 +71,29 @@ def test_continue_leaves_out_of_scope_completions_alone(continuing: Path) -> Non
               "completions")
     assert not g.in_scope and not g.refused
     assert g.extra_args["unlearnd_in_scope"] == 0 and not g.extra_args["unlearnd_mentioned"]
+
+
+def test_continue_bans_a_pooled_fact_a_plain_qa_completion_asks_for(tmp_path: Path) -> None:
+    """A "Question: ... Answer: It was the" completion (the attack that got facts
+    out of a biography policy when only spans were banned): continued, with the
+    subject's prize, whose words retain authors share, -inf from its first token."""
+    from transformers import AutoTokenizer
+
+    fp, rp, texts = pooled_documents(tmp_path)
+    base = make_tokenizer_dir(tmp_path, texts)
+    pdir = compile_policy(fp, rp, base, tmp_path / "pol", in_scope_completions="continue")
+    # (not the document's wording: the verbatim firewall plays no part here)
+    prompt = "Question: Which prize did Ada Quillon get?\nAnswer: It was the"
+    g = check(pdir, [{"role": "user", "content": prompt}], "completions")
+    assert g.in_scope and not g.refused
+    b = GuardBatch(default_eos=2)
+    b.update([], [(0, g.extra_args, [], [])], [])
+    tok = AutoTokenizer.from_pretrained(str(base))
+    vocab = len(tok)
+    y = b.apply(torch.zeros(1, vocab))
+    for word in (" Crimson", " Hollow", " epic"):
+        assert torch.isneginf(y[0, tok.encode(word, add_special_tokens=False)[0]]), word
+    assert not torch.isneginf(y[0, tok.encode(" the", add_special_tokens=False)[0]])
 
 
 @pytest.mark.parametrize("settings, message", [
