@@ -90,6 +90,10 @@ POLICIES = {  # name -> (mechanisms, group, assistant init or None, forget stem,
 POLICY_SETTINGS: dict[str, dict[str, Any]] = {  # policy name -> PolicySpec settings
     "contrastive_gated_1": {"contrastive_gain_gate": 0.0},
     "contrastive_scratch_1": {"contrastive_floor": 0.0},
+    # a biography's opening names its subject: continued under the firewall (verbatim
+    # runs, the subject's spans and facts banned), as a model that never read it would,
+    # not refused (MUSE's VerbMem measures the continuation)
+    "docs_1": {"in_scope_completions": "continue"},
 }
 REFERENCE_GROUP = 1
 """The group whose retain-only reference model is built (every group-1 tenant's report
