@@ -48,7 +48,7 @@ def _sampled_leak(model: Any, tok: Any, rows: list[dict], k: int, seed: int) -> 
 SETTING_TYPES: dict[str, type] = {
     "forget_weight": float, "retain_weight": float, "ascent_weight": float, "lr": float,
     "beta": float, "ascent_ceiling": float, "counterfactuals": int, "epochs": int,
-    "forget_tokens": str, "fact_df": float}
+    "forget_tokens": str, "fact_df": float, "retain_loss": str}
 """The hyper-parameters a setting may give (train_adapter's names)."""
 
 

@@ -265,6 +265,69 @@ def test_npo_on_facts_scores_fewer_tokens_and_is_refused_for_reasoning(
     assert facts["first"]["forget_nll"] != full["first"]["forget_nll"]
 
 
+def test_kl_retain_term_starts_at_zero_and_grows_as_the_adapter_moves(
+        world: dict[str, Path]) -> None:
+    """retain_loss 'kl': the first step's retain term is KL(base || adapter) with the
+    LoRA's B still zero (0); after training it is positive, while the NLL run records
+    a retain NLL (a random base: about log(vocab) nats, far from 0). A bad name is a
+    ValueError naming the choices, before any model loads."""
+    with pytest.raises(ValueError, match="retain_loss must be one of"):
+        _train(world, "npo", "bad", retain_loss="mse")
+    nll = _train(world, "npo", "npo_nll", max_steps=1)
+    kl = _train(world, "npo", "npo_kl", epochs=6, lr=2e-2, retain_loss="kl")
+    assert kl["retain_loss"] == "kl" and nll["retain_loss"] == "nll"
+    assert "retain_kl" in kl["first"] and "retain_nll" not in kl["first"]
+    assert kl["first"]["retain_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert nll["first"]["retain_nll"] > 1.0
+    assert kl["last"]["retain_kl"] > 1e-4
+    # the NPO term is the same at the first step whatever the retain term is
+    assert kl["first"]["forget_term"] == pytest.approx(nll["first"]["forget_term"], rel=1e-5)
+
+
+def test_token_kl_is_zero_for_the_same_model_and_masks_unlabelled_positions() -> None:
+    """token_kl against a model whose adapter changes nothing is 0; positions whose
+    label is -100 do not count (a row with one labelled token averages that one)."""
+    class Same(torch.nn.Module):
+        def __init__(self, logits: torch.Tensor, shift: torch.Tensor) -> None:
+            super().__init__()
+            self.logits, self.shift, self.off = logits, shift, False
+
+        def disable_adapter(self):  # noqa: ANN202 - PEFT's context manager
+            import contextlib
+            outer = self
+
+            @contextlib.contextmanager
+            def cm():  # noqa: ANN202
+                outer.off = True
+                yield
+                outer.off = False
+            return cm()
+
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
+            import types
+            return types.SimpleNamespace(
+                logits=self.logits if self.off else self.logits + self.shift)
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 5)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    labels = torch.tensor([[-100, -100, 2, -100]])  # only position 1 (scores token 2)
+    mask = torch.ones(1, 4, dtype=torch.long)
+    assert unlearn.token_kl(Same(logits, torch.zeros_like(logits)), ids, labels,
+                            mask).item() == pytest.approx(0.0, abs=1e-6)
+    shift = torch.zeros_like(logits)
+    shift[0, 0] = torch.randn(5)  # moves only position 0, which is not scored
+    assert unlearn.token_kl(Same(logits, shift), ids, labels, mask).item() == pytest.approx(
+        0.0, abs=1e-6)
+    shift[0, 1] = torch.randn(5)
+    p = torch.log_softmax(logits[0, 1], -1)
+    q = torch.log_softmax(logits[0, 1] + shift[0, 1], -1)
+    want = (p.exp() * (p - q)).sum().item()
+    assert want > 0
+    assert unlearn.token_kl(Same(logits, shift), ids, labels, mask).item() == pytest.approx(
+        want, rel=1e-5)
+
+
 def test_npo_loss_at_init_is_two_over_beta_log2(world: dict[str, Path]) -> None:
     beta = 0.5
     report = _train(world, "npo", "npo_init", beta=beta, max_steps=1)

@@ -8,7 +8,9 @@
 serves it per request.
 
 Methods (every one also minimises the answer NLL on retain rows, weighted by
-`retain_weight`, so the rest of the model's knowledge survives):
+`retain_weight`, so the rest of the model's knowledge survives; ``retain_loss="kl"``
+makes that term the KL divergence from the base's next-token distributions on the
+retain answers to the adapter's instead):
 
 - ``graddiff``: gradient ascent on the forget answers' NLL, bounded per token: a
   forget answer token stops pushing once its NLL reaches `ascent_ceiling` nats
@@ -118,7 +120,9 @@ class MethodDefaults:
     `ascent_weight` weight of the bounded ascent that reasoning adds; `beta` NPO
     temperature; `ascent_ceiling` mean-token NLL (nats) at which ascent stops;
     `counterfactuals` versions of each forget question about retain subjects that
-    the adapter keeps answering as the base does (:func:`counterfactual_questions`).
+    the adapter keeps answering as the base does (:func:`counterfactual_questions`);
+    `forget_tokens` and `fact_df` what npo/graddiff's forget term scores
+    (:data:`FORGET_TOKENS`); `retain_loss` what the retain term is (:data:`RETAIN_LOSSES`).
     """
 
     epochs: int
@@ -131,6 +135,7 @@ class MethodDefaults:
     counterfactuals: int = 0
     forget_tokens: str = "answer"
     fact_df: float = 0.05
+    retain_loss: str = "nll"
 
 
 _COMMON_DEFAULTS: dict[str, float] = {
@@ -504,6 +509,30 @@ def sequence_logprobs(
 FORGET_TOKENS = ("answer", "facts")
 """What the forget term of npo and graddiff scores: every answer token, or its facts."""
 
+RETAIN_LOSSES = ("nll", "kl")
+"""The retain term: the retain answers' NLL, or the KL divergence from the base's
+next-token distribution to the adapter's on them (open-unlearning's retain_loss_type
+KL; the NPO paper's NPO-KL)."""
+
+
+def token_kl(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+             attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || adapter) over each row's labelled tokens, ``[B]``.
+
+    `model` is a PEFT model: the base is the same model with its adapter disabled
+    (one forward without gradients). Position t's full next-token distribution is
+    compared, not only the label's probability: the anchor holds what the base would
+    have said anywhere in a retain answer, the NLL only that it says the answer.
+    """
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    mask = labels[:, 1:] != -100
+    base_logp = torch.log_softmax(base_logits[:, :-1, :].float(), dim=-1)
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # [B, T-1]
+    return (kl * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
 
 def fact_labels(forget_enc: list[tuple[list[int], list[int]]],
                 background: list[list[int]], max_df: float
@@ -782,6 +811,7 @@ def train_adapter(
     counterfactuals: int | None = None,
     forget_tokens: str | None = None,
     fact_df: float | None = None,
+    retain_loss: str | None = None,
     seed: int = 0,
     max_steps: int | None = None,
     eval_limit: int | None = 200,
@@ -842,7 +872,8 @@ def train_adapter(
     given = {"epochs": epochs, "lr": lr, "beta": beta, "retain_weight": retain_weight,
              "forget_weight": forget_weight, "ascent_weight": ascent_weight,
              "ascent_ceiling": ascent_ceiling, "counterfactuals": counterfactuals,
-             "forget_tokens": forget_tokens, "fact_df": fact_df}
+             "forget_tokens": forget_tokens, "fact_df": fact_df,
+             "retain_loss": retain_loss}
     hp = {k: getattr(DEFAULTS[method], k) if v is None else v for k, v in given.items()}
     if hp["epochs"] < 1:
         raise ValueError(f"epochs must be >= 1, got {hp['epochs']}")
@@ -861,6 +892,9 @@ def train_adapter(
     if hp["forget_tokens"] == "facts" and method == "reasoning":
         raise ValueError("forget_tokens 'facts' is for npo and graddiff: reasoning's "
                          "forget term is the refusal, not the answer")
+    if hp["retain_loss"] not in RETAIN_LOSSES:
+        raise ValueError(f"retain_loss must be one of {RETAIN_LOSSES}, "
+                         f"got {hp['retain_loss']!r}")
     if not 0.0 <= hp["fact_df"] <= 1.0:
         raise ValueError(f"fact_df must be in [0, 1], got {hp['fact_df']!r}")
 
@@ -1058,14 +1092,17 @@ def train_adapter(
             rb = _collate(tokenizer, [stream[i] for stream, got in zip(streams, drawn,
                                                                        strict=True)
                                       for i in got], dev)
-            r_logp, r_n = sequence_logprobs(
-                model, rb["input_ids"], rb["labels"], rb["attention_mask"]
-            )
-            r_nll = -r_logp / r_n
+            if hp["retain_loss"] == "kl":
+                r_loss = token_kl(model, rb["input_ids"], rb["labels"], rb["attention_mask"])
+            else:
+                r_logp, r_n = sequence_logprobs(
+                    model, rb["input_ids"], rb["labels"], rb["attention_mask"]
+                )
+                r_loss = -r_logp / r_n
             # each stream its own mean: the retain rows keep their weight beside the
             # counterfactuals, the retain documents theirs beside the retain QA (the
             # retain streams are averaged: the retain weight is the whole retain set's)
-            means = [part.mean() for part in r_nll.split([len(got) for got in drawn])]
+            means = [part.mean() for part in r_loss.split([len(got) for got in drawn])]
             stream_nll = means[:len(retain_streams)]
             retain_nll = torch.stack(stream_nll).mean()
             cf_nll = means[-1] if cf_enc else None
@@ -1084,17 +1121,19 @@ def train_adapter(
                 "loss": loss.item(),
                 "forget_term": forget_term.item(),
                 "forget_nll": f_nll.mean().item(),
-                "retain_nll": retain_nll.item(),
+                f"retain_{hp['retain_loss']}": retain_nll.item(),
             }
             if cf_nll is not None:
                 rec["counterfactual_nll"] = cf_nll.item()
             if len(stream_nll) > 1:
-                rec["retain_qa_nll"], rec["retain_document_nll"] = (x.item() for x in stream_nll)
+                term = hp["retain_loss"]
+                rec[f"retain_qa_{term}"], rec[f"retain_document_{term}"] = (
+                    x.item() for x in stream_nll)
             if method == "reasoning":
                 rec["refusal_nll"] = refusal_nll.item()
             history.append(rec)
             bar.set_postfix(
-                forget_nll=f"{rec['forget_nll']:.2f}", retain=f"{rec['retain_nll']:.2f}"
+                forget_nll=f"{rec['forget_nll']:.2f}", retain=f"{retain_nll.item():.2f}"
             )
             bar.update(1)
             step += 1
@@ -1160,7 +1199,13 @@ def train_adapter_cmd(
     ] = None,
     retain_weight: Annotated[
         float | None,
-        typer.Option("--retain-weight", help="Weight of the retain NLL (default: per method)."),
+        typer.Option("--retain-weight", help="Weight of the retain term (default: per method)."),
+    ] = None,
+    retain_loss: Annotated[
+        str | None, typer.Option("--retain-loss",
+                                 help="The retain term: 'nll' (the retain answers' NLL) or "
+                                 "'kl' (KL from the base's next-token distributions on "
+                                 "them to the adapter's); default per method.")
     ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Rows per forget/retain batch.")
@@ -1223,6 +1268,7 @@ def train_adapter_cmd(
         seed=seed,
         refusal_names_subject=refusal_names_subject,
         counterfactuals=counterfactuals, forget_tokens=forget_tokens, fact_df=fact_df,
+        retain_loss=retain_loss,
         eval_limit=eval_limit or None,
         evaluate=not no_eval,
         kind=kind,
