@@ -161,6 +161,8 @@ def main() -> None:
             rows.append(run_setting(args.world.resolve(), args.method, setting,
                                     Path(tmp) / f"ad{i}", k=args.samples))
             print(json.dumps(rows[-1]), flush=True)
+    if args.json:  # first: a table that fails to print loses no measurement
+        args.json.write_text(json.dumps(rows, indent=2))
     sets = [k for k in rows[0]["accuracy"] if k != "retain"]
     head = ["setting", "leak", f"leak@{args.samples}", "retain acc", "retain refused",
             *(f"{s} acc" for s in sets), *(f"{s} refused" for s in sets), "utility refused",
@@ -170,7 +172,8 @@ def main() -> None:
     print("|" + " --- |" * len(head))
     base_mu = rows[0]["model_utility"]
     for r in rows:
-        label = ", ".join(f"{k}={v:g}" for k, v in r["setting"].items()) or "defaults"
+        label = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                          for k, v in r["setting"].items()) or "defaults"
         cells = [label, f"{r['forget_leak']:.3f}",
                  f"{r['forget_leak_at_k']:.3f}", f"{r['accuracy']['retain']:.3f}",
                  f"{r['retain_refusal']:.3f}",
@@ -181,8 +184,6 @@ def main() -> None:
                  f"{r['model_utility'] / base_mu:.3f}" if r["model_utility"] and base_mu
                  else "–", f"{r['gibberish']:.3f}", str(r["names_forget_subject"])]
         print("| " + " | ".join(cells) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
