@@ -267,15 +267,17 @@ def test_npo_on_facts_scores_fewer_tokens_and_is_refused_for_reasoning(
 
 def test_kl_retain_term_starts_at_zero_and_grows_as_the_adapter_moves(
         world: dict[str, Path]) -> None:
-    """retain_loss 'kl': the first step's retain term is KL(base || adapter) with the
+    """retain_loss "kl" (NPO's default; graddiff and reasoning keep the NLL): the first
+    step's retain term is KL(base || adapter) with the
     LoRA's B still zero (0); after training it is positive, while the NLL run records
     a retain NLL (a random base: about log(vocab) nats, far from 0). A bad name is a
     ValueError naming the choices, before any model loads."""
     with pytest.raises(ValueError, match="retain_loss must be one of"):
         _train(world, "npo", "bad", retain_loss="mse")
-    nll = _train(world, "npo", "npo_nll", max_steps=1)
-    kl = _train(world, "npo", "npo_kl", epochs=6, lr=2e-2, retain_loss="kl")
+    nll = _train(world, "npo", "npo_nll", max_steps=1, retain_loss="nll")
+    kl = _train(world, "npo", "npo_kl", epochs=6, lr=2e-2)  # NPO's default
     assert kl["retain_loss"] == "kl" and nll["retain_loss"] == "nll"
+    assert _train(world, "graddiff", "gd_default", max_steps=1)["retain_loss"] == "nll"
     assert "retain_kl" in kl["first"] and "retain_nll" not in kl["first"]
     assert kl["first"]["retain_kl"] == pytest.approx(0.0, abs=1e-5)
     assert nll["first"]["retain_nll"] > 1.0
@@ -423,11 +425,17 @@ def test_counterfactuals_are_a_stream_of_their_own_for_every_method(
     """NPO keeps the retain questions' form about other subjects too: with
     counterfactuals each step scores a batch of them beside the retain batch, each
     stream with its own mean (pooled, 800 of them outweighed TOFU's 300 retain rows)."""
-    report = _train(world, "npo", "ad_npo_cf", max_steps=2, counterfactuals=2)
+    report = _train(world, "npo", "ad_npo_cf", max_steps=2, counterfactuals=2,
+                    retain_loss="nll")
     assert report["n_counterfactual"] > 0
     for rec in (report["first"], report["last"]):
         assert rec["counterfactual_nll"] > 0 and rec["retain_nll"] > 0
-    assert "counterfactual_nll" not in _train(world, "npo", "ad_npo", max_steps=1)["first"]
+    assert "counterfactual_nll" not in _train(world, "npo", "ad_npo", max_steps=1,
+                                              retain_loss="nll")["first"]
+    # NPO's default retain term is the KL: the counterfactual stream is scored with it
+    # too (0 at the first step, the LoRA's B still zero)
+    kl = _train(world, "npo", "ad_npo_cf_kl", max_steps=1, counterfactuals=2)
+    assert kl["first"]["counterfactual_kl"] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_documents_are_unlearnt_as_text(world: dict[str, Path]) -> None:
@@ -439,6 +447,13 @@ def test_documents_are_unlearnt_as_text(world: dict[str, Path]) -> None:
                                    world["root"] / "npo_docs", method="npo", batch_size=2,
                                    max_steps=3, eval_limit=4, progress=False)
     assert report["forget_kind"] == "documents" and report["steps"] == 3
+    # documents keep NPO's NLL retain term at weight 10 (unlearn.TEXT_DEFAULTS); an
+    # argument given still wins
+    assert (report["retain_loss"], report["retain_weight"]) == ("nll", 10.0)
+    kl = unlearn.train_adapter(world["base"], docs, world["retain"], world["root"] / "npo_dk",
+                               method="npo", batch_size=2, max_steps=1, evaluate=False,
+                               progress=False, retain_loss="kl")
+    assert (kl["retain_loss"], kl["retain_weight"]) == ("kl", 50.0)
     assert (world["root"] / "npo_docs" / "adapter_config.json").is_file()
     for scores in (report["base_scores"], report["adapter_scores"]):
         assert 0.0 <= scores["forget_verbmem"] <= 1.0
@@ -464,7 +479,8 @@ def test_retain_qa_and_retain_documents_are_streams_of_their_own(
                                [{"text": " ".join(r["answer"] for r in RETAIN)}])
     report = unlearn.train_adapter(world["base"], docs, [world["retain"], retain_docs],
                                    world["root"] / "npo_two", method="npo", batch_size=2,
-                                   max_steps=2, evaluate=False, progress=False)
+                                   max_steps=2, evaluate=False, progress=False,
+                                   retain_loss="nll")
     assert report["retain_streams"] == 2
     for rec in (report["first"], report["last"]):
         assert rec["retain_qa_nll"] > 0 and rec["retain_document_nll"] > 0
@@ -472,7 +488,7 @@ def test_retain_qa_and_retain_documents_are_streams_of_their_own(
             (rec["retain_qa_nll"] + rec["retain_document_nll"]) / 2)
     one = unlearn.train_adapter(world["base"], docs, world["retain"], world["root"] / "npo_one",
                                 method="npo", batch_size=2, max_steps=1, evaluate=False,
-                                progress=False)
+                                progress=False, retain_loss="nll")
     assert one["retain_streams"] == 1 and "retain_document_nll" not in one["first"]
 
 

@@ -207,7 +207,7 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
     needed_adapters = {t.adapter for t in tenants if t.adapter}
     needed_policies = {t.policy for t in tenants if t.policy}
     retain = data / "retain.jsonl"
-    from unlearnd.toolkit.unlearn import DEFAULTS
+    from unlearnd.toolkit.unlearn import DEFAULTS, TEXT_DEFAULTS
 
     for name in sorted(needed_adapters):
         method, group, stem = ADAPTERS[name]
@@ -217,7 +217,8 @@ def build_world(workdir: Path, *, authors: int = 20, groups: int = 2, group_size
         # (retrained for it); the QA adapters' training is what it was
         _cached(out, {"world": world, "method": method, "group": group, "v": 6,
                       "stem": stem, "defaults": asdict(DEFAULTS[method]),
-                      **({"retain_streams": 2} if stem == "forget_docs" else {})},
+                      **({"retain_streams": 2, "text_defaults": TEXT_DEFAULTS.get(method)}
+                         if stem == "forget_docs" else {})},
                 lambda out=out, method=method, group=group, stem=stem: _train_adapter(
                     data, group, retain, base, out, method, stem))
         paths[f"adapter:{name}"] = out
