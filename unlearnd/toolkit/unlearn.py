@@ -8,9 +8,9 @@
 serves it per request.
 
 Methods (every one also minimises the answer NLL on retain rows, weighted by
-`retain_weight`, so the rest of the model's knowledge survives; ``retain_loss="kl"``
-makes that term the KL divergence from the base's next-token distributions on the
-retain answers to the adapter's instead):
+`retain_weight`, so the rest of the model's knowledge survives; ``retain_loss="kl"``,
+NPO's default on QA forget sets, makes that term the KL divergence from the base's
+next-token distributions on the retain answers to the adapter's instead):
 
 - ``graddiff``: gradient ascent on the forget answers' NLL, bounded per token: a
   forget answer token stops pushing once its NLL reaches `ascent_ceiling` nats
