@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -294,19 +296,13 @@ def test_token_kl_is_zero_for_the_same_model_and_masks_unlabelled_positions() ->
             super().__init__()
             self.logits, self.shift, self.off = logits, shift, False
 
+        @contextlib.contextmanager
         def disable_adapter(self):  # noqa: ANN202 - PEFT's context manager
-            import contextlib
-            outer = self
-
-            @contextlib.contextmanager
-            def cm():  # noqa: ANN202
-                outer.off = True
-                yield
-                outer.off = False
-            return cm()
+            self.off = True
+            yield
+            self.off = False
 
         def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
-            import types
             return types.SimpleNamespace(
                 logits=self.logits if self.off else self.logits + self.shift)
 

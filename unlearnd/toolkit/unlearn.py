@@ -1068,6 +1068,7 @@ def train_adapter(
     streams = retain_streams + ([cf_enc] if cf_enc else [])
     orders: list[list[int]] = [[] for _ in streams]
     history: list[dict[str, float]] = []
+    term = hp["retain_loss"]  # the records name what the retain terms hold: nll or kl
     t_train = time.perf_counter()
     model.train()
     bar = tqdm(total=total, desc=f"unlearn[{method}]", disable=not progress)
@@ -1121,10 +1122,10 @@ def train_adapter(
             # counterfactuals, the retain documents theirs beside the retain QA (the
             # retain streams are averaged: the retain weight is the whole retain set's)
             means = [part.mean() for part in r_loss.split([len(got) for got in drawn])]
-            stream_nll = means[:len(retain_streams)]
-            retain_nll = torch.stack(stream_nll).mean()
-            cf_nll = means[-1] if cf_enc else None
-            retain_term = retain_nll if cf_nll is None else retain_nll + cf_nll
+            stream_means = means[:len(retain_streams)]
+            retain_mean = torch.stack(stream_means).mean()
+            cf_mean = means[-1] if cf_enc else None
+            retain_term = retain_mean if cf_mean is None else retain_mean + cf_mean
             loss = hp["forget_weight"] * forget_term + hp["retain_weight"] * retain_term
             if ascent_term is not None:
                 loss = loss + hp["ascent_weight"] * ascent_term
@@ -1139,19 +1140,18 @@ def train_adapter(
                 "loss": loss.item(),
                 "forget_term": forget_term.item(),
                 "forget_nll": f_nll.mean().item(),
-                f"retain_{hp['retain_loss']}": retain_nll.item(),  # nll or kl
+                f"retain_{term}": retain_mean.item(),
             }
-            term = hp["retain_loss"]  # the records name what they hold: nll or kl
-            if cf_nll is not None:
-                rec[f"counterfactual_{term}"] = cf_nll.item()
-            if len(stream_nll) > 1:
+            if cf_mean is not None:
+                rec[f"counterfactual_{term}"] = cf_mean.item()
+            if len(stream_means) > 1:
                 rec[f"retain_qa_{term}"], rec[f"retain_document_{term}"] = (
-                    x.item() for x in stream_nll)
+                    x.item() for x in stream_means)
             if method == "reasoning":
                 rec["refusal_nll"] = refusal_nll.item()
             history.append(rec)
             bar.set_postfix(
-                forget_nll=f"{rec['forget_nll']:.2f}", retain=f"{retain_nll.item():.2f}"
+                forget_nll=f"{rec['forget_nll']:.2f}", retain=f"{retain_mean.item():.2f}"
             )
             bar.update(1)
             step += 1
