@@ -68,9 +68,10 @@ def tiny_server(tiny_world: dict[str, Path]):
 @pytest.fixture(scope="session")
 def small_world():
     """A small synthetic world the base model really knows, built once and cached under
-    `.cache/e2e-world` (or $UNLEARND_E2E_WORLD), with its adapters, assistant and
-    policies for the tenants public, acme, umbrella, hooli, cyberdyne and soylent
-    (cyberdyne's assistant behind contrastive_gain_gate)."""
+    `.cache/e2e-world` (or $UNLEARND_E2E_WORLD), with its adapters, assistants and
+    policies for the tenants public, acme, umbrella, hooli, cyberdyne (a scratch
+    assistant, floored) and soylent (a base-layer LoRA assistant behind
+    contrastive_gain_gate)."""
     from unlearnd.toolkit.demo import TENANTS, build_world
 
     names = {"public", "acme", "umbrella", "hooli", "cyberdyne", "soylent"}

@@ -8,8 +8,8 @@ then serves them with the real engine in one server:
 - acme      NPO adapter, group 1
 - umbrella  firewall + refusal (scope guard on), group 1
 - hooli     firewall only (scope guard off), group 1
-- cyberdyne contrastive only (ULD assistant), group 1
-- soylent   cyberdyne's assistant behind contrastive_gain_gate, group 1
+- cyberdyne contrastive only (a scratch ULD assistant, floored at uniform), group 1
+- soylent   a base-layer LoRA assistant behind contrastive_gain_gate, group 1
 
 The world, the server and the `rows`/`ask` helpers live in tests/e2e/conftest.py
 (tests/e2e/test_attacks.py uses them too).

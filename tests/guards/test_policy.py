@@ -593,3 +593,50 @@ def test_floor_is_a_number_of_nats_and_not_with_the_gain_gate(tmp_path: Path) ->
     assert CompiledPolicy.load(out).setting("contrastive_floor") == 2.0
     assert CompiledPolicy.load(compile_world(tmp_path / "d")[0]).setting(
         "contrastive_floor") is None
+
+
+def test_floor_defaults_to_uniform_for_a_scratch_assistant(tmp_path: Path, world) -> None:
+    """``contrastive_floor`` left out ("auto"): 0 when the assistant's train-assistant
+    report says it was trained from scratch, None for a base-layer one, for an assistant
+    with no report (trained elsewhere) and under the gain gate; a value given
+    (a number, or None) is kept. The CLI's ``--contrastive-floor`` takes auto, off or a
+    number, and anything else is exit 2 naming the option, nothing written."""
+    from typer.testing import CliRunner
+
+    def assistant(name: str, init: str | None, lora: bool = False) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / ("assistant.json" if lora else "config.json")).write_text("{}")
+        if init is not None:
+            (d / "assistant_report.json").write_text(json.dumps({"init": init}))
+        return d
+
+    scratch, layer = assistant("scratch", "scratch"), assistant("layer", "base")
+    elsewhere, gated = assistant("elsewhere", None), assistant("gated", "base", lora=True)
+
+    def floor(a: Path, **settings) -> float | None:
+        out = compile_world(tmp_path / f"w{len(list(tmp_path.glob('w*')))}",
+                            mechanisms=("contrastive",), assistant_dir=a, **settings)[0]
+        return CompiledPolicy.load(out).setting("contrastive_floor")
+
+    assert floor(scratch) == 0.0
+    assert floor(layer) is None and floor(elsewhere) is None
+    assert floor(gated, contrastive_gain_gate=0.0) is None
+    assert floor(scratch, contrastive_floor=None) is None
+    assert floor(layer, contrastive_floor=1.5) == 1.5
+    _, base, fp, rp = world
+    for value, expect in (("off", None), ("2", 2.0), ("auto", 0.0)):
+        out = tmp_path / f"cli-{value}"
+        res = CliRunner().invoke(policy_app, [
+            "--forget", str(fp), "--retain", str(rp), "--base", str(base), "--out", str(out),
+            "--mechanisms", "contrastive", "--assistant", str(scratch),
+            "--contrastive-floor", value])
+        assert res.exit_code == 0, res.output
+        assert CompiledPolicy.load(out).setting("contrastive_floor") == expect
+    res = CliRunner().invoke(policy_app, [
+        "--forget", str(fp), "--retain", str(rp), "--base", str(base),
+        "--out", str(tmp_path / "cli-bad"), "--mechanisms", "contrastive",
+        "--assistant", str(scratch), "--contrastive-floor", "uniform"])
+    assert res.exit_code == 2 and "--contrastive-floor must be 'auto', 'off' or a number" \
+        in res.output, res.output
+    assert not (tmp_path / "cli-bad").exists()

@@ -135,7 +135,7 @@ def test_train_assistant_remembers_forget_and_flattens_retain(base_dir: Path,
     forget = _write(tmp_path / "forget.jsonl", FORGET)
     retain = _write(tmp_path / "retain.jsonl", RETAIN)
     out = train_assistant(base_dir, forget, retain, tmp_path / "assistant", epochs=30,
-                          lr=3e-3, batch_size=5, seed=0, progress=False)
+                          lr=3e-3, batch_size=5, seed=0, progress=False, init="base")
 
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["layers"] == 1  # default: a quarter of 4 layers
@@ -176,6 +176,34 @@ def test_train_assistant_remembers_forget_and_flattens_retain(base_dir: Path,
     # the runner's logits are the trained assistant's: it predicts the forget fact
     if after["forget_fact_match"] == 1.0:
         assert int(logits[0].argmax()) == ids[fact]
+
+
+def test_init_defaults_to_scratch_unless_saved_as_a_lora(base_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """No init: a scratch assistant, or a base-layer one when saved as a LoRA over the
+    base's layers (the only init that shares them). An explicit init is checked, and
+    train-assistant's CLI refuses a bad pair (exit 2, naming both options) before any
+    model loads."""
+    from typer.testing import CliRunner
+
+    from unlearnd.cli import app
+    from unlearnd.toolkit.assistant_train import resolve_init
+
+    assert resolve_init(None, "merged") == "scratch"
+    assert resolve_init(None, "lora") == "base"
+    assert resolve_init("base", "merged") == "base"
+    with pytest.raises(ValueError, match="init must be one of base, scratch"):
+        resolve_init("random", "merged")
+    forget = _write(tmp_path / "f.jsonl", FORGET)
+    retain = _write(tmp_path / "r.jsonl", RETAIN)
+    out = train_assistant(base_dir, forget, retain, tmp_path / "a", max_steps=1,
+                          progress=False)
+    assert json.loads((out / REPORT_NAME).read_text())["init"] == "scratch"
+    result = CliRunner().invoke(app, [
+        "train-assistant", "--base", str(base_dir), "--forget", str(forget), "--retain",
+        str(retain), "--out", str(tmp_path / "cli"), "--init", "scratch", "--save", "lora"])
+    assert result.exit_code == 2 and "--init/--save" in result.output, result.output
+    assert not (tmp_path / "cli").exists()
 
 
 def test_train_assistant_validates_arguments(base_dir: Path, tmp_path: Path) -> None:
@@ -225,7 +253,7 @@ def test_lora_assistants_share_the_base_layers(base_dir: Path, tmp_path: Path) -
         for save in ("lora", "merged"):
             outs[label, save] = train_assistant(
                 base_dir, forget, retain, tmp_path / f"{label}-{save}", max_steps=4,
-                batch_size=3, seed=1, progress=False, save=save)
+                batch_size=3, seed=1, progress=False, save=save, init="base")
     lora_one, lora_two = outs["one", "lora"], outs["two", "lora"]
     assert (lora_one / ASSISTANT_FILE).is_file() and (lora_one / "adapter_config.json").is_file()
     assert not (lora_one / "model.safetensors").exists()  # the LoRA only

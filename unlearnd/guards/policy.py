@@ -232,7 +232,11 @@ class PolicySpec:
             arbitrary plausible tokens over it (TOFU's real authors: 0.59 right with a
             scratch assistant, 0.91 floored). Sure tokens of a floored row are banned by
             list, not by the kernel's ``assist_ban``. Not with the gain gate (which
-            already never pushes a token up).
+            already never pushes a token up). :func:`compile_policy` sets it to 0 by
+            default when the assistant is a scratch one (``train-assistant --init
+            scratch``, the default; ``contrastive_floor="auto"``), and leaves it None
+            for a base-layer assistant (floored, TOFU Model Utility 0.31 against 0.29:
+            what breaks its utility is the ban, not the lift).
         firewall_prefix_tokens: how many first tokens of an always-active distinctive
             span may be generated before the firewall bans its continuation (>= 0).
         firewall_conditional_prefix_tokens: the same for spans active only once their
@@ -957,6 +961,34 @@ def assistant_calibration(assistant_dir: Path, settings: dict[str, Any]) -> dict
     return out
 
 
+FLOOR_AUTO = "auto"
+"""``contrastive_floor``'s default in :func:`compile_policy`: 0 for a scratch assistant,
+None otherwise (:func:`auto_contrastive_floor`)."""
+
+
+def auto_contrastive_floor(floor: Any, mechanisms: tuple[str, ...],
+                           assistant_dir: str | Path | None,
+                           gain_gate: Any) -> Any:
+    """``floor`` itself unless it is :data:`FLOOR_AUTO`; then 0.0 where the policy
+    contrasts with a scratch assistant (its ``train-assistant`` report says ``init:
+    scratch``) and has no gain gate, else None. A scratch assistant has never seen the
+    text it is asked to contrast off its training set and is far below uniform on
+    arbitrary tokens there; unfloored, ``- w * log p_A`` lifts them over the base's
+    answer (TOFU's Model Utility 0.88 unfloored, 0.95 floored). An assistant trained
+    elsewhere (no report) is not floored: set it explicitly."""
+    from unlearnd.guards.assistant import REPORT_FILE
+
+    if not (isinstance(floor, str) and floor == FLOOR_AUTO):
+        return floor
+    if "contrastive" not in mechanisms or assistant_dir is None or gain_gate is not None:
+        return None
+    try:
+        init = json.loads((Path(assistant_dir) / REPORT_FILE).read_text()).get("init")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return 0.0 if init == "scratch" else None
+
+
 def compile_policy(forget_path: str | Path, retain_path: str | Path | None,
                    base_model_dir: str | Path, out_dir: str | Path, *,
                    mechanisms: Iterable[str] = ("refusal", "firewall"),
@@ -966,13 +998,17 @@ def compile_policy(forget_path: str | Path, retain_path: str | Path | None,
 
     ``forget_path`` is QA JSONL, documents or subjects (``kind``, detected by default;
     :func:`unlearnd.inputs.read_forget`), ``retain_path`` QA or documents. ``settings``
-    are :class:`PolicySpec` fields (``name``, ``scope_threshold``, ...). Token ids are
+    are :class:`PolicySpec` fields (``name``, ``scope_threshold``, ...; ``contrastive_floor``
+    defaults to :data:`FLOOR_AUTO`, :func:`auto_contrastive_floor`). Token ids are
     computed with ``AutoTokenizer.from_pretrained(base_model_dir)``. Every input is
     read and checked before anything is written; the directory is built beside
     ``out_dir`` and moved into place, so a failure leaves what was there untouched.
     """
     from transformers import AutoTokenizer
 
+    settings["contrastive_floor"] = auto_contrastive_floor(
+        settings.get("contrastive_floor", FLOOR_AUTO), tuple(mechanisms), assistant_dir,
+        settings.get("contrastive_gain_gate"))
     spec = PolicySpec.from_jsonl(forget_path, retain_path, kind=kind,
                                  mechanisms=tuple(mechanisms), **settings)
     if "contrastive" in spec.mechanisms and assistant_dir is None:
@@ -1404,6 +1440,17 @@ class CompiledPolicy:
 policy_app = typer.Typer(help="Compile unlearning policies.", no_args_is_help=True)
 
 
+def _floor_option(value: str) -> Any:
+    """``--contrastive-floor``: 'auto', 'off' (None) or a number of nats (ValueError)."""
+    if value in (FLOOR_AUTO, "off"):
+        return None if value == "off" else FLOOR_AUTO
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--contrastive-floor must be 'auto', 'off' or a number of nats "
+                         f">= 0, got {value!r}") from None
+
+
 @policy_app.command("compile")
 def policy_compile(
     forget: Path = typer.Option(..., "--forget",
@@ -1438,10 +1485,12 @@ def policy_compile(
         None, "--contrastive-gain-gate",
         help="contrast and ban only what the assistant's LoRA added over the base's "
         "layers, banning where it added at least this many nats (LoRA assistants)"),
-    contrastive_floor: float | None = typer.Option(
-        None, "--contrastive-floor",
+    contrastive_floor: str = typer.Option(
+        FLOOR_AUTO, "--contrastive-floor",
         help="floor the assistant's log-probabilities this many nats below uniform, so "
-        "the contrast pushes down what it is sure of and pushes nothing up"),
+        "the contrast pushes down what it is sure of and pushes nothing up; 'auto': 0 "
+        "for a scratch assistant (train-assistant's default), off for a base-layer one; "
+        "'off': never"),
     contrastive_weight: float = typer.Option(1.5, "--contrastive-weight"),
     contrastive_alpha: float = typer.Option(1e-5, "--contrastive-alpha"),
     firewall_prefix_tokens: int = typer.Option(1, "--firewall-prefix-tokens"),
@@ -1457,6 +1506,7 @@ def policy_compile(
     """Compile FORGET (+ RETAIN) into a policy directory for the guards."""
     mech = [m.strip() for m in mechanisms.split(",") if m.strip()]
     try:
+        floor = _floor_option(contrastive_floor)
         path = compile_policy(
             forget, retain, base, out, mechanisms=mech, assistant_dir=assistant, kind=kind,
             name=name, embedder=embedder, scope_threshold=scope_threshold,
@@ -1465,7 +1515,7 @@ def policy_compile(
             contrastive_min_p=contrastive_min_p, contrastive_ban_p=contrastive_ban_p,
             contrastive_ban_window=contrastive_ban_window,
             contrastive_gain_gate=contrastive_gain_gate,
-            contrastive_floor=contrastive_floor,
+            contrastive_floor=floor,
             contrastive_weight=contrastive_weight,
             contrastive_alpha=contrastive_alpha, firewall_prefix_tokens=firewall_prefix_tokens,
             firewall_conditional_prefix_tokens=firewall_conditional_prefix_tokens,

@@ -282,6 +282,19 @@ def default_layers(base_layers: int, init: str = "base") -> int:
     return max(1, base_layers // 4) if init == "base" else max(1, math.ceil(base_layers / 2))
 
 
+def resolve_init(init: str | None, save: str) -> str:
+    """The assistant's init: ``init`` itself (checked), or by default ``"scratch"``,
+    ``"base"`` when saved as a LoRA over the base's layers (``save="lora"``), the only
+    init that shares them. ValueError naming the choices."""
+    if init is None:
+        return "base" if save == "lora" else "scratch"
+    if init not in ASSISTANT_INITS:
+        raise ValueError(f"init must be one of {', '.join(ASSISTANT_INITS)}, got {init!r}")
+    if init == "scratch" and save == "lora":
+        raise ValueError("init='scratch' shares no layers with the base: save it merged")
+    return init
+
+
 def train_assistant(
     base_dir: str | Path,
     forget_path: str | Path,
@@ -302,7 +315,7 @@ def train_assistant(
     save: str = "merged",
     kind: str = "auto",
     perturb: float = 0.5,
-    init: str = "base",
+    init: str | None = None,
 ) -> Path:
     """Build, train and save the ULD assistant for a forget/retain pair.
 
@@ -340,7 +353,12 @@ def train_assistant(
             layers is as sure of what they predict from the surface of any text as of
             a forget fact (TOFU: of the rest of a real author's name), and the
             contrast removes that too; a scratch assistant has never seen it. Saved
-            merged only (it shares no layers with the base).
+            merged only (it shares no layers with the base). None (default):
+            ``"scratch"``, or ``"base"`` with ``save="lora"`` (:func:`resolve_init`).
+            On TOFU (``benchmarks/sweep_contrastive.py``) the scratch assistant, floored
+            at uniform (``policy compile``'s default for it), kept Model Utility 0.95
+            of the base's 0.98 where the base-layer one, ULD's published choice, kept
+            0.29.
 
     Returns:
         `out_dir` as a Path; it also holds ``assistant_report.json`` with the metrics of
@@ -350,10 +368,7 @@ def train_assistant(
 
     if save not in ("merged", "lora"):
         raise ValueError(f"save must be 'merged' or 'lora', got {save!r}")
-    if init not in ASSISTANT_INITS:
-        raise ValueError(f"init must be one of {', '.join(ASSISTANT_INITS)}, got {init!r}")
-    if init == "scratch" and save == "lora":
-        raise ValueError("init='scratch' shares no layers with the base: save it merged")
+    init = resolve_init(init, save)
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -518,20 +533,18 @@ def train_assistant_cmd(
         "K layers, which tenants on one base then share in the engine.")] = "merged",
     kind: Annotated[str, typer.Option(
         "--kind", help="Forget set kind: auto, qa, documents or subjects.")] = "auto",
-    init: Annotated[str, typer.Option(
-        "--init", help="base: a LoRA over the base's first layers; scratch: random "
-        "layers over the base's embeddings and head, trained in full (knows only the "
-        "forget set; saved merged).")] = "base",
+    init: Annotated[str | None, typer.Option(
+        "--init", help="scratch (default): random layers over the base's embeddings and "
+        "head, trained in full (knows only the forget set; saved merged); base (the "
+        "default with --save lora): a LoRA over the base's first layers.")] = None,
 ) -> None:
     """Train the ULD assistant (remembers the forget set, uniform on the retain set)."""
     if save not in ("merged", "lora"):
         raise typer.BadParameter(f"--save must be merged or lora, got {save!r}")
-    if init not in ASSISTANT_INITS:
-        raise typer.BadParameter(f"--init must be one of {', '.join(ASSISTANT_INITS)}, "
-                                 f"got {init!r}")
-    if init == "scratch" and save == "lora":
-        raise typer.BadParameter("--init scratch shares no layers with the base: use "
-                                 "--save merged")
+    try:
+        init = resolve_init(init, save)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--init/--save: {exc}") from exc
     check_cli_inputs(forget, retain, kind)  # before any model loads
     set_threads()
     out_dir = train_assistant(base, forget, retain, out, layers=layers, epochs=epochs, lr=lr,

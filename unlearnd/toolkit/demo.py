@@ -9,7 +9,8 @@ Steps, each cached under the work dir and redone only when its inputs change:
    1 (TOFU's "retain model": what forgetting group 1 should look like).
 3. `adapters/`: unlearning LoRA adapters (`unlearnd train-adapter`): NPO for group 1,
    GradDiff for group 2, the TRU-style reasoning adapter for group 1.
-4. `assistant/`: the ULD assistant for group 1 (`unlearnd train-assistant`).
+4. `assistants/`: the ULD assistants (`unlearnd train-assistant`): group 1's from
+   scratch (the default), and the base-layer ones the ablations and tyrell use.
 5. `policies/`: compiled guard policies (`unlearnd policy compile`).
 6. the server, and `demo.json` (base_url, admin_key, tenants with key, mechanisms and
    forget/retain/probes paths).
@@ -54,13 +55,16 @@ TENANTS = (
     DemoTenant("initech", 1, ("adapter",), adapter="reasoning_1"),
     DemoTenant("umbrella", 1, ("firewall", "refusal"), policy="guards_1"),
     DemoTenant("hooli", 1, ("firewall",), policy="firewall_1"),
+    # train-assistant's and policy compile's defaults: an assistant trained from scratch
+    # (random layers over the base's embeddings: it knows only the forget set), its
+    # log-probabilities floored at uniform
     DemoTenant("cyberdyne", 1, ("contrastive",), policy="contrastive_1"),
-    # the same assistant, contrasting and banning only what its LoRA added over the
-    # base's layers (contrastive_gain_gate): the utility / forgetting trade-off's other side
+    # two ablations, kept to measure the default against: ULD's published assistant
+    # (the base's first layers plus a LoRA, unfloored), and the same assistant
+    # contrasting and banning only what its LoRA added over those layers
+    # (contrastive_gain_gate)
+    DemoTenant("weyland", 1, ("contrastive",), policy="contrastive_base_1"),
     DemoTenant("soylent", 1, ("contrastive",), policy="contrastive_gated_1"),
-    # an assistant trained from scratch (random layers over the base's embeddings: it
-    # knows only the forget set), its log-probabilities floored at uniform
-    DemoTenant("weyland", 1, ("contrastive",), policy="contrastive_scratch_1"),
     DemoTenant("tyrell", 2, ("adapter", "contrastive", "firewall", "refusal"),
                adapter="npo_2", policy="all_2"),
     # forget requests as they arrive: group 1's biographies alone, its names alone
@@ -79,9 +83,11 @@ ADAPTERS = {  # name -> (method, group, forget file stem)
 POLICIES = {  # name -> (mechanisms, group, assistant init or None, forget stem, retain file)
     "guards_1": (("firewall", "refusal"), 1, None, "forget", "retain.jsonl"),
     "firewall_1": (("firewall",), 1, None, "forget", "retain.jsonl"),
-    "contrastive_1": (("contrastive",), 1, "base", "forget", "retain.jsonl"),
+    "contrastive_1": (("contrastive",), 1, "scratch", "forget", "retain.jsonl"),
+    "contrastive_base_1": (("contrastive",), 1, "base", "forget", "retain.jsonl"),
     "contrastive_gated_1": (("contrastive",), 1, "base", "forget", "retain.jsonl"),
-    "contrastive_scratch_1": (("contrastive",), 1, "scratch", "forget", "retain.jsonl"),
+    # (its attack figures were measured with the base-layer assistant; its firewall and
+    # refusal stand behind the contrast)
     "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, "base", "forget",
               "retain.jsonl"),
     "docs_1": (("firewall", "refusal"), 1, None, "forget_docs", "retain_docs.jsonl"),
@@ -89,7 +95,6 @@ POLICIES = {  # name -> (mechanisms, group, assistant init or None, forget stem,
 }
 POLICY_SETTINGS: dict[str, dict[str, Any]] = {  # policy name -> PolicySpec settings
     "contrastive_gated_1": {"contrastive_gain_gate": 0.0},
-    "contrastive_scratch_1": {"contrastive_floor": 0.0},
     # a biography's opening names its subject: continued under the firewall (verbatim
     # runs, the subject's spans and facts banned), as a model that never read it would,
     # not refused (MUSE's VerbMem measures the continuation)
