@@ -9,7 +9,11 @@ tenants' artefacts and one server:
 - acme       NPO adapter (`train-adapter`)
 - umbrella   firewall + refusal (`policy compile`)
 - hooli      firewall only (scope guard off): what the firewall's token ids stop alone
-- cyberdyne  contrastive only (`train-assistant` + `policy compile --mechanisms contrastive`)
+- cyberdyne  contrastive only (`train-assistant` + `policy compile --mechanisms contrastive`,
+             their defaults: a scratch assistant over the base's embeddings and head,
+             floored at uniform)
+- weyland    contrastive only with the base-layer assistant (`train-assistant --init
+             base`: a copy of the base's first layers plus a LoRA)
 
 Bases: ``llama-sentencepiece`` (Llama-2/Mistral style: ``▁`` word marks, byte fallback,
 untied) and ``qwen2-bpe`` (Qwen2 with biased q/k/v, Qwen2's byte-level BPE, tied
@@ -42,7 +46,7 @@ BASES = {
 SELECTED = [b.strip() for b in os.environ.get("UNLEARND_E2E_BASES", ",".join(BASES)).split(",")
             if b.strip()]
 KEYS = {name: f"sk-{name}-second-arch-0123456789" for name in
-        ("public", "acme", "umbrella", "hooli", "cyberdyne")}
+        ("public", "acme", "umbrella", "hooli", "cyberdyne", "weyland")}
 FIGURES: dict[str, dict[str, dict]] = {}
 
 
@@ -76,15 +80,19 @@ def _build(root: Path, kind: str) -> dict:
     # as the demo trains it (canonical questions + their training phrasings), fewer epochs
     both = data / "assistant_forget_1.jsonl"
     both.write_text(forget.read_text() + (data / "forget_train_1.jsonl").read_text())
-    train_assistant(base, both, retain, root / "assistant", epochs=20, progress=False)
-    times["assistant"] = time.monotonic() - t
+    for init in ("scratch", "base"):
+        train_assistant(base, both, retain, root / f"assistant-{init}", epochs=20,
+                        progress=False, init=init)
+    times["assistants"] = time.monotonic() - t
     t = time.monotonic()
     policies = {}
-    for name, mechanisms in (("guards", ("firewall", "refusal")), ("firewall", ("firewall",)),
-                             ("contrastive", ("contrastive",))):
+    for name, mechanisms, assistant in (
+            ("guards", ("firewall", "refusal"), None), ("firewall", ("firewall",), None),
+            ("contrastive", ("contrastive",), "scratch"),
+            ("contrastive_base", ("contrastive",), "base")):
         policies[name] = compile_policy(
             forget, retain, base, root / "policies" / name, mechanisms=mechanisms, name=name,
-            assistant_dir=root / "assistant" if "contrastive" in mechanisms else None)
+            assistant_dir=root / f"assistant-{assistant}" if assistant else None)
     times["policies"] = time.monotonic() - t
     return {"data": data, "base": base, "forget": forget, "retain": retain,
             "adapter": root / "npo", "policies": policies, "base_report": report,
@@ -114,6 +122,8 @@ def world(request, tmp_path_factory):
              "policy": str(built["policies"]["firewall"])},
             {"name": "cyberdyne", "api_key": KEYS["cyberdyne"],
              "policy": str(built["policies"]["contrastive"])},
+            {"name": "weyland", "api_key": KEYS["weyland"],
+             "policy": str(built["policies"]["contrastive_base"])},
         ],
     }
     t = time.monotonic()
@@ -323,12 +333,21 @@ def test_adapter_tenant_serves_and_forgets(world, tmp_path):
         assert a["retain_accuracy"] >= 0.75 * base["retain_accuracy"], (a, base)
 
 
-def test_contrastive_tenant_serves_and_changes_forget_answers(world, tmp_path):
+@pytest.mark.parametrize("tenant", ["cyberdyne", "weyland"])
+def test_contrastive_tenant_serves_and_changes_forget_answers(world, tmp_path, tenant):
+    """Both assistants on this architecture and tokenizer: the scratch one (the default:
+    the base's embeddings and head, tied or not, under random layers; floored) and the
+    copy of the base's first layers."""
+    from unlearnd.guards.policy import CompiledPolicy
+
+    policy = world["policies"]["contrastive" if tenant == "cyberdyne" else "contrastive_base"]
+    assert CompiledPolicy.load(policy).setting("contrastive_floor") == \
+        (0.0 if tenant == "cyberdyne" else None)
     rows = _rows(world["forget"])
-    changed = sum(_ask(world, "cyberdyne", r["question"])[0]
+    changed = sum(_ask(world, tenant, r["question"])[0]
                   != _ask(world, "public", r["question"])[0] for r in rows)
-    c = _evaluate(world, "cyberdyne", tmp_path)
-    print(f"\n[{world['kind']}] contrastive: {changed}/{len(rows)} forget answers changed")
+    c = _evaluate(world, tenant, tmp_path)
+    print(f"\n[{world['kind']}] {tenant}: {changed}/{len(rows)} forget answers changed")
     # (e) the contrast changes the forget answers and leaks less than the base
     assert changed >= len(rows) // 2, changed
     assert c["leak_rate"] <= 0.5, c
@@ -346,4 +365,4 @@ def test_print_figures(world):
         print(f"[{world['kind']}] | {tenant} | {f['leak_rate']:.3f} | "
               f"{f['retain_accuracy']:.3f} | {f['over_refusal']:.3f} | "
               f"{f['gibberish_rate']:.3f} | {f['n']} |")
-    assert {"public", "umbrella", "hooli", "acme", "cyberdyne"} <= set(figs), figs
+    assert {"public", "umbrella", "hooli", "acme", "cyberdyne", "weyland"} <= set(figs), figs

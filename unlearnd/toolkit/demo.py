@@ -10,7 +10,8 @@ Steps, each cached under the work dir and redone only when its inputs change:
 3. `adapters/`: unlearning LoRA adapters (`unlearnd train-adapter`): NPO for group 1,
    GradDiff for group 2, the TRU-style reasoning adapter for group 1.
 4. `assistants/`: the ULD assistants (`unlearnd train-assistant`): group 1's from
-   scratch (the default), and the base-layer ones the ablations and tyrell use.
+   scratch (the default), for group 2 (tyrell) too, and group 1's base-layer one the
+   ablations use.
 5. `policies/`: compiled guard policies (`unlearnd policy compile`).
 6. the server, and `demo.json` (base_url, admin_key, tenants with key, mechanisms and
    forget/retain/probes paths).
@@ -86,9 +87,7 @@ POLICIES = {  # name -> (mechanisms, group, assistant init or None, forget stem,
     "contrastive_1": (("contrastive",), 1, "scratch", "forget", "retain.jsonl"),
     "contrastive_base_1": (("contrastive",), 1, "base", "forget", "retain.jsonl"),
     "contrastive_gated_1": (("contrastive",), 1, "base", "forget", "retain.jsonl"),
-    # (its attack figures were measured with the base-layer assistant; its firewall and
-    # refusal stand behind the contrast)
-    "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, "base", "forget",
+    "all_2": (("adapter", "contrastive", "firewall", "refusal"), 2, "scratch", "forget",
               "retain.jsonl"),
     "docs_1": (("firewall", "refusal"), 1, None, "forget_docs", "retain_docs.jsonl"),
     "names_1": (("firewall", "refusal"), 1, None, "subjects", "retain.jsonl"),
