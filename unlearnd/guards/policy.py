@@ -971,11 +971,11 @@ def auto_contrastive_floor(floor: Any, mechanisms: tuple[str, ...],
                            gain_gate: Any) -> Any:
     """``floor`` itself unless it is :data:`FLOOR_AUTO`; then 0.0 where the policy
     contrasts with a scratch assistant (its ``train-assistant`` report says ``init:
-    scratch``) and has no gain gate, else None. A scratch assistant has never seen the
-    text it is asked to contrast off its training set and is far below uniform on
-    arbitrary tokens there; unfloored, ``- w * log p_A`` lifts them over the base's
-    answer (TOFU's Model Utility 0.88 unfloored, 0.95 floored). An assistant trained
-    elsewhere (no report) is not floored: set it explicitly."""
+    scratch``) and has no gain gate, else None. Off its training text a scratch
+    assistant is far below uniform on arbitrary tokens; unfloored, ``- w * log p_A``
+    lifts them over the base's answer (TOFU's Model Utility 0.88 unfloored, 0.95
+    floored). An assistant trained elsewhere (no report) is not floored: set it
+    explicitly."""
     from unlearnd.guards.assistant import REPORT_FILE
 
     if not (isinstance(floor, str) and floor == FLOOR_AUTO):
