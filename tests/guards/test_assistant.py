@@ -149,6 +149,39 @@ def test_get_runner_shares_one_model_between_equal_assistants(model_dir: Path,
     assert get_runner(other) is not get_runner(model_dir)
 
 
+def test_scratch_assistants_share_one_copy_of_the_base_embeddings_and_head(
+        model_dir: Path, tmp_path: Path) -> None:
+    """Scratch assistants of one base differ in their layers and hold the base's
+    embeddings and head unchanged: two runners of them keep one copy of those weights
+    (same storage), and each still gives its own model's logits. An assistant whose head
+    differs (trained) keeps its own head and shares the embeddings only."""
+    from transformers import AutoModelForCausalLM
+
+    from unlearnd.guards.assistant import build_assistant, load_causal_lm
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    dirs = []
+    for i in range(3):
+        torch.manual_seed(10 + i)
+        a = build_assistant(base, 1, init="scratch")
+        if i == 2:
+            with torch.no_grad():
+                a.get_output_embeddings().weight.add_(0.01)
+        a.save_pretrained(str(tmp_path / f"a{i}"))
+        dirs.append(tmp_path / f"a{i}")
+    runners = [AssistantRunner(d) for d in dirs]
+    emb = [r.model.get_input_embeddings().weight for r in runners]
+    head = [r.model.get_output_embeddings().weight for r in runners]
+    assert emb[1].data_ptr() == emb[0].data_ptr() == emb[2].data_ptr()
+    assert head[1].data_ptr() == head[0].data_ptr() != head[2].data_ptr()
+    seq = [1, 5, 9, 2, 7]
+    for d, r in zip(dirs, runners, strict=True):
+        alone = load_causal_lm(d)
+        with torch.no_grad():
+            want = alone(torch.tensor([seq])).logits[0, -1].float()
+        torch.testing.assert_close(r.logits([("k", seq)])[0], want, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["adapter_dir", "adapter_subdir"])
 def test_peft_adapter_is_merged(model_dir: Path, tmp_path: Path, layout: str) -> None:
     import json

@@ -215,6 +215,80 @@ def load_causal_lm(model_dir: str | Path, device: str = "cpu",
     return model
 
 
+_LEXICAL: dict[tuple, Any] = {}  # file fingerprint -> weakref to the weight loaded from it
+_LEXICAL_LOCK = threading.Lock()
+
+
+def _safetensors_fingerprints(model_dir: Path) -> dict[str, tuple]:
+    """``{tensor name: (dtype, shape, sha256 of its bytes)}`` over the model dir's
+    ``*.safetensors`` files, read with plain reads: a model loaded from them memory-maps
+    the same files, and reading its tensors would fault their pages into this process."""
+    out: dict[str, tuple] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = meta["data_offsets"]
+                fh.seek(8 + size + start)
+                h, left = hashlib.sha256(), end - start
+                while left > 0:
+                    chunk = fh.read(min(left, 1 << 24))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    left -= len(chunk)
+                out[name] = (meta["dtype"], tuple(meta["shape"]), h.hexdigest())
+    return out
+
+
+def share_lexical_weights(model: torch.nn.Module, model_dir: str | Path) -> int:
+    """Point ``model``'s input embeddings and LM head (loaded from ``model_dir`` as a
+    plain model, no adapter merged) at the tensor another assistant in this process
+    loaded from the same bytes, where there is one; returns how many of the two it
+    shared.
+
+    A scratch assistant copies the base's embeddings and head and never trains them
+    (``train-assistant --init scratch``), so every scratch assistant on one base holds
+    the same 2 x vocabulary x hidden weights; with this the process keeps one copy
+    however many tenants' assistants it loads. Weights are matched by the sha256 of
+    their bytes in the files (and the dtype and device they were loaded to), so a
+    trained head (a merged base-layer assistant's) keeps its own; the files are read,
+    not the loaded tensors, so the copy not kept is never paged in. Inference only:
+    the weights are never written."""
+    import weakref
+
+    names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
+    modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+               if getattr(m, "weight", None) is not None]
+    wanted = {id(m.weight) for m in modules}
+    if not wanted or not all(i in names for i in wanted):
+        return 0
+    prints = _safetensors_fingerprints(Path(model_dir))
+    shared = 0
+    with _LEXICAL_LOCK:
+        for key in [k for k, ref in _LEXICAL.items() if ref() is None]:
+            del _LEXICAL[key]
+        for module in modules:
+            weight, name = module.weight, names[id(module.weight)]
+            found = prints.get(name) or next(
+                (v for k, v in prints.items() if k.endswith("." + name) or
+                 name.endswith("." + k)), None)
+            if found is None or tuple(weight.shape) != found[1]:
+                continue
+            key = (*found, str(weight.dtype), str(weight.device))
+            kept = _LEXICAL.get(key)
+            same = kept() if kept is not None else None
+            if same is None:
+                _LEXICAL[key] = weakref.ref(weight)
+            elif same is not weight:
+                module.weight = same
+                shared += 1
+    return shared
+
+
 @dataclass
 class _CachedRequest:
     """One request's assistant state: tokens seen, per-layer KV and last logits.
@@ -267,6 +341,8 @@ class AssistantRunner:
                              "the base's first layers: it has no shallow copy to compare to")
         else:
             self.model = load_causal_lm(self.model_dir, self.device, dtype)
+            if _resolve_adapter(self.model_dir)[1] is None:  # nothing merged into it
+                share_lexical_weights(self.model, self.model_dir)
         self.vocab_size: int = int(self.model.get_output_embeddings().weight.shape[0]) \
             if self._shared is None else int(self.model.config.vocab_size)
         self._cache: dict[Hashable, _CachedRequest] = {}
