@@ -219,17 +219,23 @@ _LEXICAL: dict[tuple, Any] = {}  # file fingerprint -> weakref to the weight loa
 _LEXICAL_LOCK = threading.Lock()
 
 
-def _safetensors_fingerprints(model_dir: Path) -> dict[str, tuple]:
-    """``{tensor name: (dtype, shape, sha256 of its bytes)}`` over the model dir's
-    ``*.safetensors`` files, read with plain reads: a model loaded from them memory-maps
-    the same files, and reading its tensors would fault their pages into this process."""
+def _matches(stored: str, name: str) -> bool:
+    """A parameter's name and a stored tensor's, up to a leading module prefix."""
+    return stored == name or stored.endswith("." + name) or name.endswith("." + stored)
+
+
+def _safetensors_fingerprints(model_dir: Path, names: set[str]) -> dict[str, tuple]:
+    """``{tensor name: (dtype, shape, sha256 of its bytes)}`` for the tensors in the model
+    dir's ``*.safetensors`` files that match one of ``names``, read with plain reads: a
+    model loaded from them memory-maps the same files, and reading its tensors would
+    fault their pages into this process."""
     out: dict[str, tuple] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(size))
             for name, meta in header.items():
-                if name == "__metadata__":
+                if name == "__metadata__" or not any(_matches(name, n) for n in names):
                     continue
                 start, end = meta["data_offsets"]
                 fh.seek(8 + size + start)
@@ -266,7 +272,7 @@ def share_lexical_weights(model: torch.nn.Module, model_dir: str | Path) -> int:
     wanted = {id(m.weight) for m in modules}
     if not wanted or not all(i in names for i in wanted):
         return 0
-    prints = _safetensors_fingerprints(Path(model_dir))
+    prints = _safetensors_fingerprints(Path(model_dir), {names[i] for i in wanted})
     shared = 0
     with _LEXICAL_LOCK:
         for key in [k for k, ref in _LEXICAL.items() if ref() is None]:
@@ -274,8 +280,7 @@ def share_lexical_weights(model: torch.nn.Module, model_dir: str | Path) -> int:
         for module in modules:
             weight, name = module.weight, names[id(module.weight)]
             found = prints.get(name) or next(
-                (v for k, v in prints.items() if k.endswith("." + name) or
-                 name.endswith("." + k)), None)
+                (v for k, v in prints.items() if _matches(k, name)), None)
             if found is None or tuple(weight.shape) != found[1]:
                 continue
             key = (*found, str(weight.dtype), str(weight.device))
