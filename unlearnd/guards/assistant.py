@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,23 +265,19 @@ def share_lexical_weights(model: torch.nn.Module, model_dir: str | Path) -> int:
     trained head (a merged base-layer assistant's) keeps its own; the files are read,
     not the loaded tensors, so the copy not kept is never paged in. Inference only:
     the weights are never written."""
-    import weakref
-
     names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
     modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings())
-               if getattr(m, "weight", None) is not None]
-    wanted = {id(m.weight) for m in modules}
-    if not wanted or not all(i in names for i in wanted):
+               if id(getattr(m, "weight", None)) in names]
+    if not modules:
         return 0
-    prints = _safetensors_fingerprints(Path(model_dir), {names[i] for i in wanted})
+    prints = _safetensors_fingerprints(Path(model_dir), {names[id(m.weight)] for m in modules})
     shared = 0
     with _LEXICAL_LOCK:
         for key in [k for k, ref in _LEXICAL.items() if ref() is None]:
             del _LEXICAL[key]
         for module in modules:
             weight, name = module.weight, names[id(module.weight)]
-            found = prints.get(name) or next(
-                (v for k, v in prints.items() if _matches(k, name)), None)
+            found = next((v for k, v in prints.items() if _matches(k, name)), None)
             if found is None or tuple(weight.shape) != found[1]:
                 continue
             key = (*found, str(weight.dtype), str(weight.device))

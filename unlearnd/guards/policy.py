@@ -1442,8 +1442,10 @@ policy_app = typer.Typer(help="Compile unlearning policies.", no_args_is_help=Tr
 
 def _floor_option(value: str) -> Any:
     """``--contrastive-floor``: 'auto', 'off' (None) or a number of nats (ValueError)."""
-    if value in (FLOOR_AUTO, "off"):
-        return None if value == "off" else FLOOR_AUTO
+    if value == "off":
+        return None
+    if value == FLOOR_AUTO:
+        return value
     try:
         return float(value)
     except ValueError:
